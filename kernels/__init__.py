@@ -1,6 +1,11 @@
-"""Multi-LoRA kernels: one entry point, :func:`multi_lora`, for the experts' delta."""
+"""Multi-LoRA kernels: one entry point, :func:`multi_lora`, for the experts' delta.
 
-from .dispatch import multi_lora
+The Triton kernels (``shrink``, ``expand``, ``backward``, ``autograd``) are imported only
+when the Triton backend is first used, so that ``TRITON_INTERPRET`` can still be set
+before they are defined.
+"""
+
+from .dispatch import check_inputs, multi_lora
 from .reference import densify_gate, multi_lora_loop, multi_lora_reference
 
-__all__ = ["multi_lora", "multi_lora_reference", "multi_lora_loop", "densify_gate"]
+__all__ = ["multi_lora", "check_inputs", "multi_lora_reference", "multi_lora_loop", "densify_gate"]

@@ -1,0 +1,92 @@
+"""Token blocks of the multi-LoRA kernels: which rows a program reads, and its experts.
+
+Every kernel works on *slots*: slot ``s`` of token ``t`` is one expert with one gate
+weight. A dense mix over ``E`` experts has ``E`` slots and slot ``s`` is expert ``s``
+for every token, so plain row blocks serve. Top-k routing has ``k`` slots whose experts
+vary per token; the tokens are ordered (stably) by their tuple of expert ids, so that
+equal tuples form contiguous segments (in our model: the tokens of the turns routed
+alike), and each segment is cut into blocks of at most ``BLOCK_M`` tokens. All tokens of
+a block then share their experts, and a program does plain GEMM tiles on rows gathered
+through the permutation (SGMV's segments, with the gather in the kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Row blocks shared by every kernel of one multi-LoRA call.
+
+    Attributes:
+        num_tokens: ``T``.
+        num_slots: ``E`` (dense) or ``k`` (top-k).
+        block_m: tokens a block holds at most.
+        num_blocks: blocks in the grid's token axis.
+        segmented: False for dense (block ``b`` is rows ``b*block_m ..``), True for top-k.
+        expert_ids: ``[T, k]`` int32 ids (top-k only).
+        perm: ``[T]`` int32 token order that makes equal id tuples contiguous (top-k only).
+        block_start: ``[num_blocks]`` int32 first position in ``perm`` (top-k only).
+        block_end: ``[num_blocks]`` int32 end position in ``perm``, exclusive (top-k only).
+    """
+
+    num_tokens: int
+    num_slots: int
+    block_m: int
+    num_blocks: int
+    segmented: bool
+    expert_ids: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    block_start: torch.Tensor | None = None
+    block_end: torch.Tensor | None = None
+
+
+def dense_routing(num_tokens: int, num_experts: int, block_m: int) -> Routing:
+    """Row blocks of a dense mix: every token uses every expert."""
+    return Routing(num_tokens, num_experts, block_m, -(-num_tokens // block_m), segmented=False)
+
+
+def sparse_routing(expert_ids: torch.Tensor, block_m: int) -> Routing:
+    """Segments of tokens sharing their top-k expert ids, cut into blocks.
+
+    Args:
+        expert_ids: ``[T, k]`` integer ids (already checked to lie in ``[0, E)``).
+        block_m: tokens a block holds at most.
+
+    Returns:
+        The routing; building it reads the segment count back to the host once.
+    """
+    num_tokens, k = expert_ids.shape
+    device = expert_ids.device
+    ids = expert_ids.to(torch.int64)
+    perm = torch.arange(num_tokens, device=device)
+    for slot in reversed(range(k)):  # lexicographic order by successive stable sorts
+        perm = perm[torch.argsort(ids[perm, slot], stable=True)]
+    ordered = ids[perm]  # [T, k]
+    new_segment = torch.ones(num_tokens, dtype=torch.bool, device=device)
+    new_segment[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+    seg_start = new_segment.nonzero().squeeze(1)  # [segments]
+    seg_end = torch.cat([seg_start[1:], seg_start.new_tensor([num_tokens])])
+    blocks_per_seg = (seg_end - seg_start + block_m - 1) // block_m  # [segments]
+    num_blocks = int(blocks_per_seg.sum())
+    seg_of_block = torch.repeat_interleave(
+        torch.arange(seg_start.numel(), device=device), blocks_per_seg, output_size=num_blocks
+    )  # [blocks]
+    first_block = torch.cumsum(blocks_per_seg, 0) - blocks_per_seg  # [segments]
+    local = torch.arange(num_blocks, device=device) - first_block[seg_of_block]
+    block_start = seg_start[seg_of_block] + local * block_m
+    block_end = torch.minimum(block_start + block_m, seg_end[seg_of_block])
+    return Routing(
+        num_tokens,
+        k,
+        block_m,
+        num_blocks,
+        segmented=True,
+        expert_ids=expert_ids.to(torch.int32).contiguous(),
+        perm=perm.to(torch.int32),
+        block_start=block_start.to(torch.int32),
+        block_end=block_end.to(torch.int32),
+    )
