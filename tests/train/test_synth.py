@@ -1,0 +1,136 @@
+import argparse
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from moe_empathy.train import synth
+from moe_empathy.train.synth import SynthConfig, generate, plans, scenario_splits, write_corpus
+from moe_empathy.train.taxonomy import LEVELS, MECHANISMS, TASKS, level_of, target_level
+
+CONFIG = SynthConfig(dialogues=400, min_turns=2, max_turns=14, seed=7)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return generate(CONFIG)
+
+
+def _all(by_split):
+    return [d for records in by_split.values() for d in records]
+
+
+def test_same_seed_same_corpus_and_prefix_stable(corpus):
+    assert generate(CONFIG) == corpus
+    fewer = generate(SynthConfig(dialogues=50, min_turns=2, max_turns=14, seed=7))
+    ids = {d["dialogue_id"]: d for d in _all(corpus)}
+    assert all(ids[d["dialogue_id"]] == d for d in _all(fewer))
+    other = generate(SynthConfig(dialogues=400, min_turns=2, max_turns=14, seed=8))
+    assert other != corpus
+
+
+def test_splits_are_disjoint_by_scenario_and_cover_every_task(corpus):
+    seen = {name: {d["scenario_id"] for d in records} for name, records in corpus.items()}
+    assert not seen["train"] & seen["validation"]
+    assert not seen["train"] & seen["test"]
+    assert not seen["validation"] & seen["test"]
+    assignment = scenario_splits()
+    for task in TASKS:
+        assert {split for sid, split in assignment.items() if sid.startswith(task + "/")} == {
+            "train", "validation", "test"}
+
+
+def test_schema_and_labels_are_consistent(corpus):
+    for d in _all(corpus):
+        turns = d["turns"]
+        assert CONFIG.min_turns <= d["num_turns"] <= CONFIG.max_turns
+        assert len(turns) == 2 * d["num_turns"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * d["num_turns"]
+        previous = None
+        for user, reply in zip(turns[::2], turns[1::2]):
+            assert user["content"] and reply["content"]
+            assert user["level"] is None and user["mechanisms"] is None
+            assert reply["level"] == target_level(d["task_level"], user["user_state"])
+            assert set(reply["mechanisms"]) == set(MECHANISMS)
+            assert level_of(reply["mechanisms"]) == reply["level"]
+            expected_shift = ("none" if previous in (None, reply["level"])
+                              else "up" if LEVELS.index(reply["level"]) > LEVELS.index(previous) else "down")
+            assert reply["shift"] == expected_shift
+            assert "{" not in reply["content"] and "{" not in user["content"]
+            previous = reply["level"]
+
+
+def test_levels_shift_within_tasks(corpus):
+    records = _all(corpus)
+    assert sum(any(t["shift"] == "up" for t in d["turns"]) for d in records) > len(records) / 5
+    for task in TASKS:
+        levels = {t["level"] for d in records if d["task"] == task for t in d["turns"] if t["level"]}
+        assert len(levels) >= 2, task
+
+
+def test_shift_turns_are_visible_in_the_user_message(corpus):
+    # a rise in level comes with a user message that differs from the task's routine follow-ups
+    from moe_empathy.train import phrases
+
+    for d in _all(corpus):
+        followups = set(phrases.TASKS[d["task"]]["followups"])
+        for user, reply in zip(d["turns"][::2], d["turns"][1::2]):
+            if reply["shift"] == "up":
+                assert not any(user["content"].lower().startswith(f.lower()[:-1]) for f in followups)
+
+
+def test_bad_settings_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        SynthConfig(tasks=("poetry",))
+    with pytest.raises(ValueError, match="min_turns \\(9\\) is above max_turns \\(3\\).*--min-turns"):
+        SynthConfig(min_turns=9, max_turns=3)
+    with pytest.raises(ValueError, match="1..40"):
+        SynthConfig(max_turns=41)
+
+
+def test_write_corpus_roundtrip_card_and_no_half_overwrite(tmp_path, corpus):
+    out = tmp_path / "data"
+    stats = write_corpus(corpus, out, {"backend": "template"})
+    loaded = load_from_disk(str(out))
+    assert {name: len(ds) for name, ds in loaded.items()} == stats["dialogues"]
+    first = corpus["train"][0]
+    assert loaded["train"][0] == first
+    lines = (out / "jsonl" / "test.jsonl").read_text().splitlines()
+    assert [json.loads(x)["dialogue_id"] for x in lines] == [d["dialogue_id"] for d in corpus["test"]]
+    card = (out / "README.md").read_text()
+    assert "distinct assistant sentences" in card and "4-grams" in card
+    assert all(task in card for task in TASKS)
+    assert 0 < stats["distinct_sentence_ratio"] < 1
+    assert set(stats["ngram4_overlap"]) == {"validation", "test"}
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_corpus(corpus, out, {"backend": "template"})
+    broken = {"train": [{"not": "a dialogue"}]}
+    with pytest.raises(Exception):
+        write_corpus(broken, out, {}, overwrite=True)
+    assert load_from_disk(str(out))["train"][0] == first  # untouched after a failed overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folders left
+
+
+def test_cli_subcommand(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    synth.add_parser(parser.add_subparsers())
+    out = tmp_path / "cli"
+    args = parser.parse_args(["synth", "--out", str(out), "--dialogues", "40", "--max-turns", "4",
+                              "--tasks", "grief_support,technical_support"])
+    stats = args.func(args)
+    assert sum(stats["dialogues"].values()) == 40
+    assert set(stats["tasks"]) <= {"grief_support", "technical_support"}
+    assert "wrote 40 dialogues" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        args.func(args)
+
+
+def test_plans_are_fast_enough_for_tens_of_thousands():
+    import time
+
+    start = time.perf_counter()
+    records = generate(SynthConfig(dialogues=2000, min_turns=2, max_turns=12, seed=1))
+    assert sum(len(r) for r in records.values()) == 2000
+    assert time.perf_counter() - start < 6.0  # ~20k/min on a slow core with margin
+    assert len(plans(SynthConfig(dialogues=10))) == 10

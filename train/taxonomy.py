@@ -1,0 +1,154 @@
+"""Task taxonomy of the synthetic dialogues: eight tasks, the empathy level users
+expect in each, and the events that move the right level within a task.
+
+Vocabulary (shared by the generator, the data schema and the model's expert names):
+
+* levels: ``low``, ``medium``, ``high``;
+* mechanisms (EPITOME, Sharma et al. 2020): ``emotional_reaction``,
+  ``interpretation``, ``exploration``, each of strength 0 (none), 1 (weak), 2 (strong).
+
+A level is a band of total mechanism strength (see :func:`level_of`), so every
+labelled assistant turn's mechanisms are consistent with its level by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LEVELS: tuple[str, ...] = ("low", "medium", "high")
+MECHANISMS: tuple[str, ...] = ("emotional_reaction", "interpretation", "exploration")
+# The user's state moves the right level away from the task's own: a user who asks
+# to stick to practicalities wants one level less, an upset user one more, a
+# distressed user two more (clamped to the range of levels).
+STATE_OFFSET: dict[str, int] = {"steady": -1, "neutral": 0, "upset": 1, "distressed": 2}
+USER_STATES: tuple[str, ...] = tuple(STATE_OFFSET)
+
+
+def level_of(mechanisms: dict[str, int]) -> str:
+    """The empathy level that a mechanism profile amounts to.
+
+    Args:
+        mechanisms: strength 0-2 for each name in :data:`MECHANISMS`.
+
+    Returns:
+        ``low`` for a total strength of 0-1, ``medium`` for 2-3, ``high`` for 4-6.
+    """
+    total = sum(mechanisms[name] for name in MECHANISMS)
+    if total <= 1:
+        return "low"
+    return "medium" if total <= 3 else "high"
+
+
+def target_level(task_level: str, user_state: str) -> str:
+    """The level an assistant turn should have.
+
+    Args:
+        task_level: the level users expect in the task (:attr:`Task.level`).
+        user_state: the user's state at this turn, one of :data:`USER_STATES`.
+
+    Returns:
+        the task's level moved by the state's offset (:data:`STATE_OFFSET`),
+        clamped to :data:`LEVELS`.
+    """
+    index = LEVELS.index(task_level) + STATE_OFFSET[user_state]
+    return LEVELS[min(max(index, 0), len(LEVELS) - 1)]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One conversational task of the taxonomy.
+
+    Attributes:
+        name: identifier used in the data (``task`` field) and on the command line.
+        title: human-readable name.
+        level: the empathy level users expect in this task (user state ``neutral``).
+        escalations: what can make the user of this task more upset within the
+            dialogue (documentation; the phrasing lives with the generator).
+        description: one line for the dataset card and the README.
+    """
+
+    name: str
+    title: str
+    level: str
+    escalations: tuple[str, ...] = field(default_factory=tuple)
+    description: str = ""
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            "movie_recommendation",
+            "Movie recommendation",
+            "low",
+            ("mentions a recent loss tied to the films", "is lonely after a break-up"),
+            "Picking films or series for an evening, a date, a family.",
+        ),
+        Task(
+            "technical_support",
+            "Technical support",
+            "low",
+            ("lost irreplaceable work before a deadline", "fears being blamed at work"),
+            "Fixing devices, accounts and software.",
+        ),
+        Task(
+            "travel_planning",
+            "Travel planning",
+            "low",
+            ("the trip is for a funeral or a sick relative", "a cancelled flight strands them"),
+            "Routes, bookings, packing and itineraries.",
+        ),
+        Task(
+            "career_advice",
+            "Career advice",
+            "medium",
+            ("was just laid off", "is burnt out and close to quitting"),
+            "Job search, interviews, negotiation, changing fields.",
+        ),
+        Task(
+            "health_concern",
+            "Health concern",
+            "medium",
+            ("awaits worrying test results", "a relative was taken to hospital"),
+            "Symptoms, medication questions, appointments, routines.",
+        ),
+        Task(
+            "relationship_advice",
+            "Relationship advice",
+            "high",
+            ("discovered a betrayal", "feels worthless after a fight"),
+            "Partners, family, friends: conflict and communication.",
+        ),
+        Task(
+            "grief_support",
+            "Grief support",
+            "high",
+            ("an anniversary or a reminder reopens the loss",),
+            "Living with the death of a person or an animal, and its practicalities.",
+        ),
+        Task(
+            "emotional_support",
+            "Emotional support / therapy-like talk",
+            "high",
+            ("a panic spiral", "feeling alone with it all"),
+            "Stress, anxiety, low mood, loneliness; not crisis care.",
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name.
+
+    Args:
+        name: one of the keys of :data:`TASKS`.
+
+    Raises:
+        ValueError: naming the unknown task and listing the known ones.
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; choose from: {', '.join(TASKS)}"
+        ) from None
