@@ -26,15 +26,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 class MultiLoRAFunction(torch.autograd.Function):
     """Gated multi-LoRA delta with Triton kernels both ways; ``out``, if given, is updated in place.
 
-    Gradients flow to ``x``, ``lora_A``, ``lora_B``, ``gate`` and ``out`` (identity).
+    Gradients flow to ``out`` (identity), ``x``, ``lora_A``, ``lora_B`` and ``gate``. ``out``
+    comes first: autograd hands an in-place update of a view (the model passes a reshaped
+    base output) the gradient of its first input.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, gate, expert_ids, scaling, out):
+    def forward(ctx, out, x, lora_A, lora_B, gate, expert_ids, scaling):
         num_experts, rank, _ = lora_A.shape
         routing = _routing(x.shape[0], num_experts, expert_ids)
         x, lora_A, lora_B, gate = _rows(x), lora_A.contiguous(), lora_B.contiguous(), gate.contiguous()
-        needs_grad = any(ctx.needs_input_grad[:4])
+        needs_grad = any(ctx.needs_input_grad[1:5])
         unscaled, gated = shrink(x, lora_A, gate, routing, scaling, save_unscaled=needs_grad)
         result = expand(gated, lora_B, routing, out)
         if out is not None:
@@ -47,8 +49,7 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        need_x, need_a, need_b, need_gate = ctx.needs_input_grad[:4]
-        grad_out_needed = ctx.needs_input_grad[6]
+        grad_out_needed, need_x, need_a, need_b, need_gate = ctx.needs_input_grad[:5]
         grad_x = grad_a = grad_b = grad_gate = None
         if any((need_x, need_a, need_b, need_gate)):
             x, lora_A, lora_B, gate, unscaled, gated = ctx.saved_tensors
@@ -65,7 +66,7 @@ class MultiLoRAFunction(torch.autograd.Function):
                     grad_a = grad_lora_A(grad_unscaled, x, num_experts, rank, routing).to(lora_A.dtype)
             if need_b:
                 grad_b = grad_lora_B(gated, dy, num_experts, rank, routing).to(lora_B.dtype)
-        return grad_x, grad_a, grad_b, grad_gate, None, None, grad_out if grad_out_needed else None
+        return grad_out if grad_out_needed else None, grad_x, grad_a, grad_b, grad_gate, None, None
 
 
 def multi_lora_triton(
@@ -91,4 +92,4 @@ def multi_lora_triton(
         return out.add_(multi_lora_triton(x, lora_A, lora_B, gate, scaling, expert_ids))
     if x.shape[0] == 0:
         return out if out is not None else x.new_zeros(0, lora_B.shape[1])
-    return MultiLoRAFunction.apply(x, lora_A, lora_B, gate, expert_ids, scaling, out)
+    return MultiLoRAFunction.apply(out, x, lora_A, lora_B, gate, expert_ids, scaling)

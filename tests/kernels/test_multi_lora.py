@@ -151,6 +151,25 @@ def test_strided_inputs_and_transposed_out(poisoned_alloc):
     _assert_close(result, expected, torch.float32, "output", 0)
 
 
+def test_out_as_view_of_a_base_layer_output():
+    """As in the model: ``out`` is a reshaped view of ``linear(x, W)`` and ``x`` feeds both."""
+    weight = torch.randn(20, 16, device=DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE)
+    lora_A, lora_B = torch.randn(3, 4, 16, device=DEVICE), torch.randn(3, 20, 4, device=DEVICE)
+    gate = torch.rand(18, 3, device=DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (weight, x, lora_A, lora_B, gate)]
+        w, xx, a, b, g = leaves
+        base = torch.nn.functional.linear(xx, w)  # [2, 9, 20]
+        flat = multi_lora(xx.reshape(-1, 16), a, b, g, 0.5, out=base.reshape(-1, 20), backend=backend)
+        flat.view_as(base).sin().sum().backward()
+        results[backend] = [flat.detach()] + [leaf.grad for leaf in leaves]
+    names = ["output", "dW", "dx", "dA", "dB", "dgate"]
+    for name, got, want in zip(names, results["triton"], results["torch"], strict=True):
+        _assert_close(got, want, torch.float32, name, 0)
+
+
 def test_no_tokens():
     lora_A, lora_B = torch.randn(2, 4, 8, device=DEVICE), torch.randn(2, 5, 4, device=DEVICE)
     x, gate = torch.randn(0, 8, device=DEVICE), torch.rand(0, 2, device=DEVICE)
