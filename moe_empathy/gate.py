@@ -1,0 +1,244 @@
+"""The per-turn gate: pools each turn's readable context and mixes the experts.
+
+For turn ``k`` the gate reads the hidden states (entering decoder layer ``gate_layer``)
+of the tokens with ``turn_ids == k`` and ``gate_mask == 1``: the user message and the
+template tokens around it, never the assistant reply. Each token's state is RMS-normalised
+before the mean, so the first token's huge "attention sink" norm cannot dominate the pool.
+With ``gate_memory="ema"`` an exponential moving average over the turns carries context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GateState:
+    """What the gate carries from one forward to the next when a KV cache is reused.
+
+    Args:
+        turn_weights: ``[batch, turns, E]`` weights of every turn seen so far.
+        last_turn: ``[batch]`` the newest turn id of each row (its weights apply to new tokens).
+        memory: ``[batch, hidden]`` the ``"ema"`` context after ``last_turn``, else None.
+    """
+
+    turn_weights: torch.Tensor
+    last_turn: torch.Tensor
+    memory: torch.Tensor | None = None
+
+
+@dataclass
+class GateOutput:
+    """The gate's decision for one forward.
+
+    Args:
+        weights: ``[batch, turns, E]`` per-turn weights (rows sum to 1 on present turns).
+        logits: ``[batch, turns, E]`` gate logits (None for turns only carried from a state).
+        turn_mask: ``[batch, turns]`` True for turns that have tokens or were carried.
+        fresh: ``[batch, turns]`` True for turns decided in this forward (not carried).
+        state: the :class:`GateState` to pass to the next forward with the KV cache.
+    """
+
+    weights: torch.Tensor
+    logits: torch.Tensor | None
+    turn_mask: torch.Tensor
+    fresh: torch.Tensor
+    state: GateState
+
+
+class TurnGate(nn.Module):
+    """Maps each turn's pooled context to weights over the experts.
+
+    Args:
+        hidden_size: width of the hidden states it reads.
+        num_experts: number of experts ``E``.
+        gate_hidden_size: width of the hidden layer; 0 for a single linear layer.
+        gate_type: ``"soft"`` or ``"top_k"``.
+        top_k: experts kept per turn for ``"top_k"``.
+        temperature: softmax temperature.
+        memory: ``"none"`` or ``"ema"``.
+        memory_decay: weight of the past in the ``"ema"`` memory.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        gate_hidden_size: int,
+        gate_type: str,
+        top_k: int,
+        temperature: float,
+        memory: str,
+        memory_decay: float,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_type = gate_type
+        self.top_k = top_k
+        self.temperature = temperature
+        self.memory = memory
+        self.memory_decay = memory_decay
+        self.norm = nn.LayerNorm(hidden_size)
+        if gate_hidden_size > 0:
+            self.proj = nn.Sequential(
+                nn.Linear(hidden_size, gate_hidden_size), nn.GELU(), nn.Linear(gate_hidden_size, num_experts)
+            )
+        else:
+            self.proj = nn.Linear(hidden_size, num_experts)
+
+    def pool_turns(
+        self, hidden: torch.Tensor, turn_ids: torch.Tensor, gate_mask: torch.Tensor, num_turns: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of the RMS-normalised readable states of each turn.
+
+        Args:
+            hidden: ``[batch, seq, hidden]``.
+            turn_ids: ``[batch, seq]``, -1 on padding.
+            gate_mask: ``[batch, seq]``, 1 where the gate may read.
+            num_turns: number of turns ``T`` to pool.
+
+        Returns:
+            ``[batch, T, hidden]`` pooled states and ``[batch, T]`` readable-token counts.
+        """
+        states = hidden.float()
+        states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6)  # [batch, seq, hidden]
+        turns = torch.arange(num_turns, device=hidden.device)
+        readable = (gate_mask > 0) & (turn_ids >= 0)  # [batch, seq]
+        member = (turn_ids.unsqueeze(-1) == turns) & readable.unsqueeze(-1)  # [batch, seq, T]
+        counts = member.sum(1)  # [batch, T]
+        sums = torch.einsum("bst,bsh->bth", member.to(states.dtype), states)  # [batch, T, hidden]
+        return sums / counts.clamp(min=1).unsqueeze(-1).to(states.dtype), counts
+
+    def contexts(
+        self, pooled: torch.Tensor, counts: torch.Tensor, carried: torch.Tensor, state: GateState | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the gate sees for each turn: its own pool, or the ``"ema"`` memory.
+
+        Args:
+            pooled: ``[batch, T, hidden]``; counts: ``[batch, T]``;
+            carried: ``[batch, T]`` turns whose decision comes from ``state``.
+            state: the previous forward's state, or None.
+
+        Returns:
+            ``[batch, T, hidden]`` contexts and the ``[batch, hidden]`` memory after the last turn.
+        """
+        if self.memory == "none":
+            return pooled, None
+        batch, num_turns, _ = pooled.shape
+        prev = state.memory if state is not None and state.memory is not None else pooled.new_zeros(batch, pooled.shape[-1])
+        started = torch.full((batch,), state is not None and state.memory is not None, device=pooled.device)
+        out = []
+        for k in range(num_turns):
+            has = counts[:, k] > 0
+            mixed = torch.where(started.unsqueeze(-1), self.memory_decay * prev + (1 - self.memory_decay) * pooled[:, k], pooled[:, k])
+            ctx = torch.where(has.unsqueeze(-1) & ~carried[:, k].unsqueeze(-1), mixed, prev)  # [batch, hidden]
+            started = started | has
+            prev = ctx
+            out.append(ctx)
+        return torch.stack(out, 1), prev
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax (with temperature), then top-k renormalised for ``"top_k"`` gates.
+
+        Args:
+            logits: ``[..., E]``.
+        """
+        probs = F.softmax(logits.float() / self.temperature, dim=-1)
+        if self.gate_type == "soft":
+            return probs
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        turn_ids: torch.Tensor,
+        gate_mask: torch.Tensor,
+        state: GateState | None = None,
+        forced: torch.Tensor | None = None,
+    ) -> GateOutput:
+        """Decides every turn that has tokens in this forward.
+
+        Args:
+            hidden: ``[batch, seq, hidden]`` states entering the gate layer.
+            turn_ids: ``[batch, seq]`` exchange index of each token, -1 on padding.
+            gate_mask: ``[batch, seq]`` 1 where the gate may read.
+            state: carried from the previous forward when a KV cache is reused.
+            forced: ``[E]`` weights to use for every turn instead of the gate's own.
+        """
+        batch = hidden.shape[0]
+        device = hidden.device
+        valid = turn_ids >= 0
+        last_turn = torch.where(valid, turn_ids, -1).amax(1)  # [batch]
+        if state is not None:
+            last_turn = torch.maximum(last_turn, state.last_turn)
+        num_turns = max(int(last_turn.max()) + 1, 1)
+        turns = torch.arange(num_turns, device=device)
+        present = ((turn_ids.unsqueeze(-1) == turns) & valid.unsqueeze(-1)).any(1)  # [batch, T]
+        carried = torch.zeros(batch, num_turns, dtype=torch.bool, device=device)
+        if state is not None:
+            carried = turns <= state.last_turn.unsqueeze(-1)
+        fresh = present & ~carried
+
+        logits = None
+        memory = state.memory if state is not None else None
+        if forced is not None:
+            weights = forced.float().to(device).expand(batch, num_turns, -1).clone()
+        elif fresh.any():
+            pooled, counts = self.pool_turns(hidden, turn_ids, gate_mask, num_turns)
+            ctx, memory = self.contexts(pooled, counts, carried, state)
+            logits = self.proj(self.norm(ctx.to(self.norm.weight.dtype))).float()  # [batch, T, E]
+            weights = self.route(logits)
+        else:
+            weights = hidden.new_zeros(batch, num_turns, self.num_experts, dtype=torch.float32)
+        if state is not None:
+            known = state.turn_weights.shape[1]
+            old = F.pad(state.turn_weights, (0, 0, 0, max(num_turns - known, 0)))[:, :num_turns]
+            weights = torch.where(carried.unsqueeze(-1), old.to(weights.dtype), weights)
+        turn_mask = present | carried
+        weights = weights * turn_mask.unsqueeze(-1)
+        return GateOutput(weights, logits, turn_mask, fresh, GateState(weights.detach(), last_turn, memory))
+
+
+def gate_losses(
+    out: GateOutput, gate_labels: torch.Tensor | None, temperature: float
+) -> dict[str, torch.Tensor]:
+    """The gate's auxiliary losses over the turns decided in this forward.
+
+    * ``load_balancing``: Switch-style ``E * sum_e f_e * P_e`` (1 when balanced), with
+      ``f_e`` the share of turns routed mostly to ``e`` and ``P_e`` the mean weight.
+    * ``z_loss``: mean squared log-sum-exp of the logits (keeps logits small).
+    * ``gate_label``: cross-entropy against ``gate_labels [batch, turns]`` (-100 = ignore).
+
+    Args:
+        out: the gate's output; losses are zero when no turn was decided by the gate (forced or carried).
+        gate_labels: per-turn expert indices, or None.
+        temperature: the gate's softmax temperature.
+    """
+    if out.logits is None or not out.fresh.any():
+        zero = out.weights.sum() * 0
+        return {"load_balancing": zero, "z_loss": zero, "gate_label": zero}
+    mask = out.fresh  # [batch, T]
+    logits = out.logits[mask]  # [n, E]
+    weights = out.weights[mask]  # [n, E]
+    num_experts = logits.shape[-1]
+    share = F.one_hot(weights.argmax(-1), num_experts).float().mean(0)  # [E]
+    probs = F.softmax(logits / temperature, dim=-1).mean(0)  # [E]
+    losses = {
+        "load_balancing": num_experts * (share * probs).sum(),
+        "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+    }
+    if gate_labels is not None:
+        labels = gate_labels[:, : out.logits.shape[1]]
+        labels = F.pad(labels, (0, out.logits.shape[1] - labels.shape[1]), value=-100)[mask]
+        if (labels != -100).any():
+            losses["gate_label"] = F.cross_entropy(logits / temperature, labels.long(), ignore_index=-100)
+        else:
+            losses["gate_label"] = logits.sum() * 0
+    else:
+        losses["gate_label"] = logits.sum() * 0
+    return losses

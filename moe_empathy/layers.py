@@ -1,0 +1,199 @@
+"""Multi-expert LoRA linear layers and their injection into a base causal LM.
+
+Layer contract (in the spirit of peft's ``LoraLayer``):
+
+* ``base_layer`` is the frozen original ``nn.Linear``; its output is always computed.
+* ``lora_A [E, r, in]`` and ``lora_B [E, out, r]`` hold the ``E`` experts; ``B`` starts at
+  zero, so a fresh layer equals its base exactly.
+* The per-token gate comes from a :class:`TokenRouting` that the decoder layer's
+  forward pre-hook hands to its expert linears for the duration of that layer's call
+  (the routing travels as a keyword argument of the decoder layer, so gradient
+  checkpointing's recomputation sees the very same gate).
+* Forward dispatch, in order: no routing or experts disabled -> base; a turn-constant
+  gate with a merged weight ready -> one GEMM with the folded weight; otherwise base
+  GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kernels import multi_lora
+
+ROUTING_KWARG = "moe_routing"
+
+
+@dataclass
+class TokenRouting:
+    """The gate's decision for every token of one forward.
+
+    Args:
+        weights: ``[batch, seq, E]`` dense gate weights (zero outside the chosen experts).
+        expert_ids: ``[batch, seq, k]`` chosen experts for top-k gates, else None.
+        topk_weights: ``[batch, seq, k]`` weights of the chosen experts, else None.
+        merged_key: set when every token of the forward shares one mixture (batch 1, one
+            turn), so layers may fold it into their weight; it identifies that mixture.
+    """
+
+    weights: torch.Tensor
+    expert_ids: torch.Tensor | None = None
+    topk_weights: torch.Tensor | None = None
+    merged_key: tuple | None = None
+
+
+class MultiLoraLinear(nn.Module):
+    """``y = W x + (alpha / r) * sum_e g[t, e] * B_e A_e x`` over ``E`` stacked LoRA experts.
+
+    Args:
+        base_layer: the frozen linear layer to wrap.
+        num_experts: number of experts ``E``.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha.
+        dropout: dropout probability on the experts' input.
+        kernel_backend: backend passed to :func:`moe_empathy.kernels.multi_lora`.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        kernel_backend: str = "auto",
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_experts = num_experts
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.kernel_backend = kernel_backend
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.routing: TokenRouting | None = None
+        self.experts_enabled = True
+        self._merged: tuple[tuple, torch.Tensor] | None = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A like a fresh ``nn.Linear`` (Kaiming-uniform), B zero: the layer equals its base."""
+        for e in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self._merged = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
+        routing = self.routing
+        if routing is None or not self.experts_enabled:
+            return self.base_layer(x)
+        if routing.merged_key is not None and not torch.is_grad_enabled():
+            return nn.functional.linear(x, self._merged_weight(routing), self.base_layer.bias)
+        result = self.base_layer(x)  # [batch, seq, out]
+        flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]
+        flat_out = result.reshape(-1, self.out_features)  # [tokens, out]
+        if routing.expert_ids is not None:
+            gate = routing.topk_weights.reshape(-1, routing.topk_weights.shape[-1])  # [tokens, k]
+            expert_ids = routing.expert_ids.reshape(-1, routing.expert_ids.shape[-1])  # [tokens, k]
+        else:
+            gate = routing.weights.reshape(-1, self.num_experts)  # [tokens, E]
+            expert_ids = None
+        flat_out = multi_lora(
+            flat_x, self.lora_A, self.lora_B, gate.to(x.dtype), self.scaling,
+            expert_ids=expert_ids, out=flat_out, backend=self.kernel_backend,
+        )
+        return flat_out.view_as(result)
+
+    def _merged_weight(self, routing: TokenRouting) -> torch.Tensor:
+        """``W + scaling * B_cat diag(g) A_cat`` for a turn-constant gate, cached per mixture."""
+        # Optimiser steps and loads bump the parameters' versions, which invalidates the fold.
+        key = (routing.merged_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
+        if self._merged is None or self._merged[0] != key:
+            gate = routing.weights.reshape(-1, self.num_experts)[0].to(self.lora_A.dtype)  # [E]
+            a_cat = self.lora_A.reshape(-1, self.in_features)  # [E*r, in]
+            b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, E*r]
+            scale = (gate * self.scaling).repeat_interleave(self.rank)  # [E*r]
+            self._merged = (key, self.base_layer.weight + (b_cat * scale) @ a_cat)
+        return self._merged[1]
+
+    def drop_merged_weight(self) -> None:
+        """Frees the folded weight (called when parameters change or generation ends)."""
+        self._merged = None
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:g}, backend={self.kernel_backend!r}"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a Hugging Face causal LM (``model.model.layers`` etc.).
+
+    Args:
+        model: a causal LM such as ``LlamaForCausalLM``.
+    """
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected `model.get_decoder().layers` "
+            "to be an nn.ModuleList, as in Llama, Mistral, Qwen2 and similar decoder-only models."
+        )
+    return layers
+
+
+def inject_experts(
+    model: nn.Module,
+    target_modules: list[str],
+    first_layer: int,
+    num_experts: int,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    kernel_backend: str,
+) -> dict[str, MultiLoraLinear]:
+    """Replaces each targeted ``nn.Linear`` in decoder layers ``>= first_layer`` by a
+    :class:`MultiLoraLinear` wrapping it.
+
+    Args:
+        model: the base causal LM, changed in place.
+        target_modules: last path components of the linears to wrap, e.g. ``["q_proj", "v_proj"]``.
+        first_layer: index of the first decoder layer that gets experts.
+        num_experts, rank, alpha, dropout, kernel_backend: see :class:`MultiLoraLinear`.
+
+    Returns:
+        The new layers by their path inside ``model``.
+    """
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    found: dict[str, MultiLoraLinear] = {}
+    for index in range(first_layer, len(layers)):
+        for name, module in list(layers[index].named_modules()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in target_modules or not isinstance(module, nn.Linear):
+                continue
+            parent = layers[index].get_submodule(name.rsplit(".", 1)[0]) if "." in name else layers[index]
+            wrapped = MultiLoraLinear(module, num_experts, rank, alpha, dropout, kernel_backend)
+            setattr(parent, leaf, wrapped)
+            found[f"{prefix}.{index}.{name}"] = wrapped
+    missing = set(target_modules) - {path.rsplit(".", 1)[-1] for path in found}
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in layers[first_layer].named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"target_modules {sorted(missing)} match no nn.Linear in decoder layers >= {first_layer} of "
+            f"{type(model).__name__}; linear layers there are named {available}."
+        )
+    return found

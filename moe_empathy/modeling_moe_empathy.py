@@ -1,0 +1,598 @@
+"""A Hugging Face causal LM with empathy-level LoRA experts behind a learned per-turn gate.
+
+One forward pass: the gate reads the hidden states entering decoder layer ``gate_layer``
+(through a forward pre-hook on that layer), decides a mixture of experts for every turn,
+and the experts, which live only in layers ``>= gate_layer``, apply the mixture of each
+token's turn. The decision travels to the decoder layers as a keyword argument, so
+gradient checkpointing recomputes with the very same gate, and it is carried across
+forwards (:class:`GateState`) so ``generate`` keeps its KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from functools import partial
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .base import load_base
+from .configuration_moe_empathy import MoeEmpathyConfig
+from .gate import GateOutput, GateState, TurnGate, gate_losses
+from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
+from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
+
+COMPACT_WEIGHTS = "experts.safetensors"
+COMPACT_FORMAT = "moe_empathy-compact-v1"
+
+
+@dataclass
+class MoeEmpathyCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the gate's decision and losses.
+
+    Args:
+        gate_weights: ``[batch, turns, experts]`` mixture of each turn (zero rows for absent turns).
+        gate_logits: ``[batch, turns, experts]`` logits of the turns decided in this forward.
+        turn_mask: ``[batch, turns]`` True for turns present in (or carried into) this forward.
+        aux_loss: weighted sum of the gate's losses (added to ``loss`` when ``labels`` are given).
+        lm_loss: the language-modelling loss alone.
+        gate_label_loss, load_balancing_loss, z_loss: the gate's losses, unweighted.
+        gate_state: pass it back with ``past_key_values`` to continue the dialogue.
+    """
+
+    gate_weights: torch.FloatTensor | None = None
+    gate_logits: torch.FloatTensor | None = None
+    turn_mask: torch.BoolTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    gate_label_loss: torch.FloatTensor | None = None
+    load_balancing_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    gate_state: GateState | None = None
+
+
+@dataclass
+class _GateCall:
+    """One forward's routing inputs, handed to the decoder layers as a keyword argument."""
+
+    turn_ids: torch.Tensor  # [batch, seq]
+    gate_mask: torch.Tensor  # [batch, seq]
+    state: GateState | None
+    forced: torch.Tensor | None  # [E]
+    output: GateOutput | None = None
+    routing: TokenRouting | None = None
+
+
+@dataclass
+class RoutingRecord:
+    """One turn's gate decision, as kept by the routing log."""
+
+    call: int
+    dialogue: int
+    turn: int
+    weights: dict[str, float]
+    expert: str
+    forced: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class MoeEmpathyPreTrainedModel(PreTrainedModel):
+    config_class = MoeEmpathyConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, MultiLoraLinear):
+            module.reset_lora_parameters()
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
+    """A causal LM whose targeted linears hold one LoRA expert per empathy level, mixed per turn.
+
+    Args:
+        config: the model's configuration.
+        base_model: an already built base causal LM to wrap in place (see :meth:`from_base`);
+            when None the base is built from ``config.text_config``.
+    """
+
+    def __init__(self, config: MoeEmpathyConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.model = base_model
+        self.model.requires_grad_(False)
+        self.experts = inject_experts(
+            self.model,
+            config.target_modules,
+            config.gate_layer,
+            config.num_experts,
+            config.lora_rank,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.kernel_backend,
+        )
+        self.gate = TurnGate(
+            config.text_config.hidden_size,
+            config.num_experts,
+            config.gate_hidden_size,
+            config.gate_type,
+            config.gate_top_k,
+            config.gate_temperature,
+            config.gate_memory,
+            config.gate_memory_decay,
+        )
+        self._forced: torch.Tensor | None = None
+        self._experts_disabled = False
+        self._routing_log: list[RoutingRecord] | None = None
+        self._routing_calls = 0
+        self._install_hooks()
+        self.post_init()
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_base(
+        cls,
+        base: PreTrainedModel | str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config_overrides,
+    ) -> "MoeEmpathyForCausalLM":
+        """Wraps a base causal LM with fresh experts and gate; it then equals the base exactly.
+
+        The base model object is changed in place (its targeted linears are wrapped) and shared.
+
+        Args:
+            base: a causal LM, a local model folder, or the default base's id.
+            tokenizer: its tokenizer; when it has a chat template, the turn markers are taken
+                from it so the model can find turns by itself.
+            **config_overrides: fields of :class:`MoeEmpathyConfig` (``lora_rank``, ``gate_layer``...).
+        """
+        if isinstance(base, (str, os.PathLike)):
+            base, found_tokenizer = load_base(str(base))
+            tokenizer = tokenizer if tokenizer is not None else found_tokenizer
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) and "user_turn_marker" not in config_overrides:
+            config_overrides["user_turn_marker"], config_overrides["assistant_turn_marker"] = find_turn_markers(tokenizer)
+        config_overrides.setdefault("base_model_name_or_path", base.config.name_or_path or None)
+        # A copy: nesting the live base config would let the wrapper reset its attention settings.
+        config = MoeEmpathyConfig(
+            text_config=copy.deepcopy(base.config),
+            attn_implementation=base.config._attn_implementation,
+            **config_overrides,
+        )
+        model = cls(config, base_model=base)
+        weight = base.get_input_embeddings().weight
+        model.gate.to(device=weight.device, dtype=weight.dtype)
+        model.generation_config = copy.deepcopy(base.generation_config)
+        return model
+
+    def _install_hooks(self) -> None:
+        layers = decoder_layers(self.model)
+        self._expert_layers: dict[int, list[MultiLoraLinear]] = {}
+        for index in range(self.config.gate_layer, len(layers)):
+            linears = [m for m in layers[index].modules() if isinstance(m, MultiLoraLinear)]
+            self._expert_layers[index] = linears
+            hook = self._gate_hook if index == self.config.gate_layer else partial(self._route_hook, index)
+            layers[index].register_forward_pre_hook(hook, with_kwargs=True)
+            layers[index].register_forward_hook(partial(self._clear_hook, index), with_kwargs=True)
+
+    # ----------------------------------------------------------------- hooks
+
+    def _gate_hook(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decides the gate from the states entering ``gate_layer`` and routes this layer.
+
+        It runs the same computation on every call, so a checkpointed recomputation saves the
+        same tensors; the first decision is the one kept for the other layers.
+        """
+        call: _GateCall | None = kwargs.get(ROUTING_KWARG)
+        if call is None:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+        output = self.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
+        routing = self._token_routing(output, call.turn_ids, forced=call.forced is not None)
+        if call.output is None:
+            call.output, call.routing = output, routing
+        for linear in self._expert_layers[self.config.gate_layer]:
+            linear.routing = routing
+
+    def _route_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        call: _GateCall | None = kwargs.get(ROUTING_KWARG)
+        if call is None:
+            return
+        for linear in self._expert_layers[index]:
+            linear.routing = call.routing
+
+    def _clear_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        for linear in self._expert_layers[index]:
+            linear.routing = None
+
+    def _token_routing(self, output: GateOutput, turn_ids: torch.Tensor, forced: bool) -> TokenRouting:
+        """Spreads each turn's mixture over its tokens."""
+        num_experts = self.config.num_experts
+        index = turn_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, num_experts)  # [batch, seq, E]
+        weights = output.weights.gather(1, index) * (turn_ids >= 0).unsqueeze(-1)  # [batch, seq, E]
+        routing = TokenRouting(weights)
+        if self.config.gate_type == "top_k" and not forced:
+            routing.topk_weights, routing.expert_ids = weights.topk(self.config.gate_top_k, dim=-1)
+        if not torch.is_grad_enabled() and not self.training:
+            rows = weights[turn_ids >= 0]  # [tokens, E]
+            if rows.shape[0] and bool((rows == rows[0]).all()):
+                routing.merged_key = tuple(rows[0].tolist())
+        return routing
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        turn_ids: torch.LongTensor | None = None,
+        gate_mask: torch.LongTensor | None = None,
+        gate_labels: torch.LongTensor | None = None,
+        gate_state: GateState | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeEmpathyCausalLMOutputWithPast:
+        """Runs the base model with the experts mixed per turn.
+
+        Args:
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
+            use_cache, logits_to_keep: as for any Hugging Face causal LM.
+            turn_ids: ``[batch, seq]`` exchange index of each token (-1 on padding); derived
+                from the chat template's markers when None.
+            gate_mask: ``[batch, seq]`` 1 on the tokens the gate may read (not assistant replies).
+            gate_labels: ``[batch, turns]`` expert index expected for each turn (-100 = none).
+            gate_state: the previous output's ``gate_state`` when continuing with its KV cache.
+        """
+        call = None
+        if not self._experts_disabled:
+            call = self._gate_call(input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state)
+            kwargs[ROUTING_KWARG] = call
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        result = MoeEmpathyCausalLMOutputWithPast(
+            loss=outputs.loss,
+            lm_loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        if call is None or call.output is None:
+            return result
+        gate = call.output
+        if gate_labels is not None:
+            self._check_gate_labels(gate_labels, turn_ids if turn_ids is not None else call.turn_ids)
+        losses = gate_losses(gate, gate_labels, self.config.gate_temperature)
+        cfg = self.config
+        aux = (
+            cfg.gate_label_loss_weight * losses["gate_label"]
+            + cfg.load_balancing_loss_weight * losses["load_balancing"]
+            + cfg.z_loss_weight * losses["z_loss"]
+        )
+        result.gate_weights, result.gate_logits, result.turn_mask = gate.weights, gate.logits, gate.turn_mask
+        result.aux_loss, result.gate_label_loss = aux, losses["gate_label"]
+        result.load_balancing_loss, result.z_loss = losses["load_balancing"], losses["z_loss"]
+        result.gate_state = gate.state
+        if labels is not None:
+            result.loss = outputs.loss + aux
+        elif gate_labels is not None:
+            result.loss = aux
+        if self._routing_log is not None:
+            self._log_routing(gate, forced=call.forced is not None)
+        return result
+
+    def _gate_call(self, input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state) -> _GateCall:
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        shape = tuple(reference.shape)
+        last_turn = gate_state.last_turn if gate_state is not None else None
+        if turn_ids is None:
+            ids = input_ids if input_ids is not None else None
+            if ids is None or self.config.user_turn_marker is None:
+                turn_ids, derived_mask = derive_turn_ids(
+                    reference.new_zeros(shape, dtype=torch.long), None, None, attention_mask, last_turn
+                )
+            else:
+                turn_ids, derived_mask = derive_turn_ids(
+                    ids, self.config.user_turn_marker, self.config.assistant_turn_marker, attention_mask, last_turn
+                )
+            gate_mask = derived_mask if gate_mask is None else gate_mask
+        else:
+            validate_turn_ids(turn_ids, shape)
+        if gate_mask is None:
+            gate_mask = (turn_ids >= 0).long()
+        elif tuple(gate_mask.shape) != shape:
+            raise ValueError(f"gate_mask has shape {tuple(gate_mask.shape)} but input_ids has {shape}")
+        forced = self._forced
+        return _GateCall(turn_ids.to(reference.device), gate_mask.to(reference.device), gate_state, forced)
+
+    def _check_gate_labels(self, gate_labels: torch.Tensor, turn_ids: torch.Tensor) -> None:
+        if gate_labels.dim() != 2 or gate_labels.shape[0] != turn_ids.shape[0]:
+            raise ValueError(
+                f"gate_labels must have shape [batch, turns] = [{turn_ids.shape[0]}, turns], got {tuple(gate_labels.shape)}"
+            )
+        bad = (gate_labels != -100) & ((gate_labels < 0) | (gate_labels >= self.config.num_experts))
+        if bad.any():
+            raise ValueError(
+                f"gate_labels must be expert indices in [0, {self.config.num_experts - 1}] "
+                f"({self.config.expert_names}) or -100 to ignore a turn"
+            )
+
+    # ----------------------------------------------------------------- generation
+
+    def prepare_inputs_for_generation(self, input_ids, turn_ids=None, gate_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        width = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+        if turn_ids is not None:
+            inputs["turn_ids"] = turn_ids[:, -width:]
+        if gate_mask is not None:
+            inputs["gate_mask"] = gate_mask[:, -width:]
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if outputs.past_key_values is not None and outputs.gate_state is not None:
+            model_kwargs["gate_state"] = outputs.gate_state
+        if (turn_ids := model_kwargs.get("turn_ids")) is not None:
+            model_kwargs["turn_ids"] = torch.cat([turn_ids, turn_ids[:, -1:].expand(-1, num_new_tokens)], dim=-1)
+        if (gate_mask := model_kwargs.get("gate_mask")) is not None:
+            model_kwargs["gate_mask"] = torch.cat([gate_mask, gate_mask.new_zeros(gate_mask.shape[0], num_new_tokens)], dim=-1)
+        return model_kwargs
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; the turn's folded expert weights are freed afterwards."""
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for linear in self.experts.values():
+                linear.drop_merged_weight()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Non-reentrant checkpointing (the gate is read from outside each layer's inputs)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError("use_reentrant=True cannot carry the gate's gradient; use use_reentrant=False")
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ----------------------------------------------------------------- overrides and introspection
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.config.expert_names)
+
+    def _forced_weights(self, spec: str | Sequence[float] | Mapping[str, float] | torch.Tensor) -> torch.Tensor:
+        names = self.config.expert_names
+        if isinstance(spec, str):
+            if spec not in names:
+                raise ValueError(f"unknown expert {spec!r}; the experts are {names}")
+            return torch.eye(len(names))[names.index(spec)]
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - set(names)
+            if unknown:
+                raise ValueError(f"unknown experts {sorted(unknown)}; the experts are {names}")
+            spec = [float(spec.get(name, 0.0)) for name in names]
+        weights = torch.as_tensor(spec, dtype=torch.float32).flatten()
+        if weights.numel() != len(names):
+            raise ValueError(f"force_gate needs {len(names)} weights, one per expert {names}; got {weights.numel()}")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"force_gate weights must be finite and >= 0, got {weights.tolist()}")
+        if abs(float(weights.sum()) - 1.0) > 1e-4:
+            raise ValueError(f"force_gate weights must sum to 1, got {weights.tolist()} (sum {float(weights.sum()):.6f})")
+        return weights
+
+    @contextmanager
+    def force_gate(self, expert: str | Sequence[float] | Mapping[str, float] | torch.Tensor) -> Iterator["MoeEmpathyForCausalLM"]:
+        """Uses a fixed mixture for every turn: one expert by name (external selection, as in
+        the paper) or weights over all experts (a list, a tensor, or ``{name: weight}``).
+
+        Args:
+            expert: an expert name or mixture weights (>= 0, summing to 1).
+        """
+        weights = self._forced_weights(expert)
+        previous, self._forced = self._forced, weights
+        try:
+            yield self
+        finally:
+            self._forced = previous
+
+    @contextmanager
+    def disable_experts(self) -> Iterator["MoeEmpathyForCausalLM"]:
+        """Runs exactly the base model (no gate, no expert) inside the block."""
+        previous, self._experts_disabled = self._experts_disabled, True
+        try:
+            yield self
+        finally:
+            self._experts_disabled = previous
+
+    def enable_routing_log(self) -> None:
+        """Starts recording every turn's gate decision (see :attr:`routing_log`)."""
+        self._routing_log = []
+        self._routing_calls = 0
+
+    def disable_routing_log(self) -> list[RoutingRecord]:
+        """Stops recording and returns what was recorded."""
+        records, self._routing_log = self._routing_log or [], None
+        return records
+
+    @property
+    def routing_log(self) -> list[RoutingRecord]:
+        if self._routing_log is None:
+            raise RuntimeError("the routing log is off; call model.enable_routing_log() first")
+        return self._routing_log
+
+    def save_routing_log(self, path: str | os.PathLike) -> None:
+        """Writes the routing log as JSON (atomically).
+
+        Args:
+            path: the JSON file to write.
+        """
+        records = [record.__dict__ for record in self.routing_log]
+        _atomic_write_text(Path(path), json.dumps({"expert_names": self.expert_names, "records": records}, indent=1))
+
+    def _log_routing(self, gate: GateOutput, forced: bool) -> None:
+        names = self.config.expert_names
+        weights = gate.weights.detach().float().cpu()
+        for dialogue, turn in gate.fresh.nonzero().tolist():
+            row = weights[dialogue, turn]
+            self._routing_log.append(
+                RoutingRecord(
+                    call=self._routing_calls,
+                    dialogue=dialogue,
+                    turn=turn,
+                    weights={name: float(w) for name, w in zip(names, row)},
+                    expert=names[int(row.argmax())],
+                    forced=forced,
+                )
+            )
+        self._routing_calls += 1
+
+    # ----------------------------------------------------------------- saving and loading
+
+    def expert_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable part only: every expert's ``lora_A``/``lora_B`` and the gate."""
+        return {k: v for k, v in self.state_dict().items() if ".lora_A" in k or ".lora_B" in k or k.startswith("gate.")}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, compact: bool = False, **kwargs) -> None:
+        """Saves with safetensors; ``compact=True`` saves only experts and gate plus a reference
+        to the base model (``config.base_model_name_or_path``), a few MB.
+
+        Files are written to a temporary folder first and moved in only when all are written,
+        so a failed save leaves an earlier checkpoint in ``save_directory`` intact.
+
+        Args:
+            save_directory: the folder to write.
+            compact: save only the experts and the gate.
+            *args, **kwargs: passed to ``PreTrainedModel.save_pretrained`` for full saves.
+        """
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{target} exists and is not a folder")
+        if compact and not self.config.base_model_name_or_path:
+            raise ValueError(
+                "a compact checkpoint needs `config.base_model_name_or_path` (where to find the base model); "
+                "set it to the base's folder, or save with compact=False"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
+        try:
+            if compact:
+                self.config.save_pretrained(staging)
+                self.generation_config.save_pretrained(staging)
+                metadata = {"format": COMPACT_FORMAT, "expert_names": json.dumps(self.expert_names)}
+                tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict().items()}
+                save_file(tensors, staging / COMPACT_WEIGHTS, metadata=metadata)
+            else:
+                super().save_pretrained(staging, *args, **kwargs)
+            stale = [p for p in target.glob("model*.safetensors*")] if compact else [target / COMPACT_WEIGHTS]
+            for item in staging.iterdir():
+                os.replace(item, target / item.name)
+            for path in stale:
+                path.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model: PreTrainedModel | None = None, **kwargs):
+        """Loads a full or a compact checkpoint.
+
+        Args:
+            pretrained_model_name_or_path: a folder written by :meth:`save_pretrained`.
+            base_model: for compact checkpoints, the base model to use instead of loading
+                ``config.base_model_name_or_path``.
+            *model_args, **kwargs: as for ``PreTrainedModel.from_pretrained``.
+        """
+        path = Path(str(pretrained_model_name_or_path))
+        saved = MoeEmpathyConfig.from_pretrained(path) if (path / "config.json").is_file() else None
+        requested = kwargs.get("expert_names") or (kwargs["config"].expert_names if isinstance(kwargs.get("config"), MoeEmpathyConfig) else None)
+        if saved is not None and requested is not None and list(requested) != list(saved.expert_names):
+            raise ValueError(
+                f"the checkpoint in {path} has experts {saved.expert_names} but {list(requested)} were asked for; "
+                "load it with its own expert names (drop `expert_names`) and rename or add experts afterwards."
+            )
+        if (path / COMPACT_WEIGHTS).is_file():
+            return cls._from_compact(path, saved, base_model, dtype=kwargs.get("dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _from_compact(cls, path: Path, config: MoeEmpathyConfig, base_model: PreTrainedModel | None, dtype=None):
+        with safe_open(str(path / COMPACT_WEIGHTS), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        stored_names = json.loads(metadata.get("expert_names", "null"))
+        if metadata.get("format") != COMPACT_FORMAT or stored_names != config.expert_names:
+            raise ValueError(
+                f"{path / COMPACT_WEIGHTS} holds experts {stored_names} but its config.json names "
+                f"{config.expert_names}; the two files come from different checkpoints."
+            )
+        if base_model is None:
+            base_model, _ = load_base(config.base_model_name_or_path, dtype=dtype or torch.float32)
+        overrides = {k: v for k, v in config.to_diff_dict().items() if k in MoeEmpathyConfig.__dataclass_fields__ and k != "text_config"}
+        overrides.pop("tie_word_embeddings", None)
+        model = cls.from_base(base_model, **overrides)
+        state = load_file(str(path / COMPACT_WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        expected = set(model.expert_state_dict())
+        if unexpected or expected - set(state):
+            raise ValueError(
+                f"{path / COMPACT_WEIGHTS} does not match the model: missing {sorted(expected - set(state))[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        generation = path / "generation_config.json"
+        if generation.is_file():
+            model.generation_config = model.generation_config.from_pretrained(path)
+        return model
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(staging, path)
