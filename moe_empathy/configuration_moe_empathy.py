@@ -118,7 +118,7 @@ class MoeEmpathyConfig(PretrainedConfig):
             _fail("gate_layer", self.gate_layer, f"use an integer in [0, {num_layers - 1}] (the base has {num_layers} layers)")
         if self.gate_type not in GATE_TYPES:
             _fail("gate_type", self.gate_type, f"allowed values are {GATE_TYPES}")
-        if self.gate_type == "top_k" and not (isinstance(self.gate_top_k, int) and 1 <= self.top_k <= len(names)):
+        if self.gate_type == "top_k" and not (isinstance(self.gate_top_k, int) and 1 <= self.gate_top_k <= len(names)):
             _fail("gate_top_k", self.gate_top_k, f"use an integer in [1, {len(names)}] (the number of experts)")
         if not self.gate_temperature > 0:
             _fail("gate_temperature", self.gate_temperature, "use a number > 0")
