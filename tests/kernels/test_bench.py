@@ -1,0 +1,41 @@
+"""The kernel microbenchmark runs its quick grid on CPU and writes its table, CSV and plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+from moe_empathy.kernels import bench
+
+
+def test_quick_run_on_cpu_writes_csv_and_plots(tmp_path, capsys):
+    rows = bench.main(["--quick", "--tokens", "1,16", "--device", "cpu", "--warmup", "1", "--rep", "5", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "Triton kernels need CUDA" in printed
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    # 2 token counts x 1 hidden x 1 rank x 1 expert count x 2 modes x 2 passes, 4 torch methods each
+    assert len(table) == len(rows) == 2 * 2 * 2 * 4
+    assert {r["method"] for r in table} == {"reference", "loop", "lora", "base"}
+    for r in table:
+        assert float(r["median_ms"]) > 0
+        assert float(r["gbps"]) > 0 and float(r["tflops"]) > 0
+    assert all(float(r["overhead_vs_base"]) == 1.0 for r in table if r["method"] == "base")
+    for mode in ("dense", "top1"):
+        png = tmp_path / f"bench_{mode}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_add_parser_registers_the_kernels_subcommand(tmp_path):
+    parser = argparse.ArgumentParser(prog="moe-empathy")
+    commands = parser.add_subparsers(dest="command")
+    bench_parser = commands.add_parser("bench").add_subparsers(dest="target")
+    bench.add_parser(bench_parser)
+    args = parser.parse_args(["bench", "kernels", "--quick", "--hidden", "64,128", "--output-dir", str(tmp_path)])
+    assert args.target == "kernels" and args.quick and args.hidden == (64, 128)
+    assert args.func is bench.run_from_args
+
+
+def test_grid_skips_top_k_wider_than_the_experts():
+    points = bench.grid_points({**bench.QUICK_GRID, "experts": (1, 3), "modes": ("top2",), "tokens": (1,)})
+    assert {p.experts for p in points} == {3}
