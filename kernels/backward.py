@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import INTERPRET, block_r, token_bucket, weight_grad_configs
+from .configs import block_r, num_splits, token_bucket, weight_grad_configs
 from .routing import Routing
 from .shrink import dot_precision
 from .tiles import slot_expert, token_block
@@ -82,14 +82,6 @@ def _weight_grad_kernel(
         tl.store(dw_ptrs, acc, mask=dw_mask)
 
 
-def _split(num_blocks: int, tiles: int, device: torch.device) -> int:
-    """Token-block splits so that about two programs run per multiprocessor."""
-    if INTERPRET or num_blocks < 4:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(num_blocks // 2, triton.cdiv(2 * sms, tiles), 32))
-
-
 def _launch(
     lhs: torch.Tensor,
     rhs: torch.Tensor,
@@ -100,7 +92,7 @@ def _launch(
     dw_strides: tuple[int, int, int],
 ) -> None:
     n = rhs.shape[1]
-    split = _split(routing.num_blocks, num_experts * triton.cdiv(n, 128), rhs.device)
+    split = num_splits(num_experts * triton.cdiv(n, 128), max(1, routing.num_blocks // 2), rhs.device)
 
     def grid(meta):
         return (num_experts, triton.cdiv(n, meta["BLOCK_N"]), split)

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Set to force a split count (the tests use it to run the atomic split paths under the interpreter).
+FORCE_SPLIT: int | None = None
 
 
 def block_m(num_tokens: int) -> int:
@@ -33,6 +37,24 @@ def block_r(rank: int) -> int:
 def token_bucket(num_tokens: int) -> int:
     """Autotune key for the token count: the next power of two."""
     return triton.next_power_of_2(max(num_tokens, 1))
+
+
+def num_splits(programs: int, max_split: int, device: torch.device) -> int:
+    """Ways to split a reduction so that ``programs`` tiles fill about twice the GPU's SMs.
+
+    Args:
+        programs: programs the launch has without splitting.
+        max_split: most splits the reduction allows.
+        device: where it runs (1 off CUDA and under the interpreter, unless ``FORCE_SPLIT``).
+    """
+    if FORCE_SPLIT is not None:
+        return FORCE_SPLIT
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(max_split, triton.cdiv(2 * sms, programs), 32))
 
 
 def shrink_configs() -> list[triton.Config]:

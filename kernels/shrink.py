@@ -4,8 +4,10 @@ Forward: ``U[t, s] = A_e x[t]`` and ``S[t, s] = scaling * gate[t, s] * U[t, s]``
 expert ``e`` of slot ``s``. Backward (``dY`` in place of ``x``, ``B_e^T`` in place of
 ``A_e``): ``dH[t, s] = B_e^T dY[t]``, and the epilogue turns it straight into
 ``dU = scaling * gate * dH`` and ``dgate[t, s] = scaling * <U[t, s], dH[t, s]>``. A
-program owns one slot's whole rank, so both epilogues need no cross-program reduction.
-The ``[T, slots * r]`` intermediates are fp32.
+program owns one slot's whole rank, so both epilogues need no cross-program reduction;
+they are linear in the accumulator, so for few tokens (decode) the reduction over ``in``
+is split among ``SPLIT_K`` programs that add their partial results atomically into zeroed
+buffers. The ``[T, slots * r]`` intermediates are fp32.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import block_r, shrink_configs, token_bucket
+from .configs import block_r, num_splits, shrink_configs, token_bucket
 from .routing import Routing
 from .tiles import slot_expert, token_block
 
 
-@triton.autotune(configs=shrink_configs(), key=["m_bucket", "K", "rank", "num_slots", "BACKWARD"])
+@triton.autotune(
+    configs=shrink_configs(),
+    key=["m_bucket", "K", "rank", "num_slots", "BACKWARD", "SPLIT_K"],
+    reset_to_zero=["u_out_ptr", "s_ptr", "dgate_ptr"],
+)
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # [T, K]
@@ -29,7 +35,8 @@ def _shrink_kernel(
     perm_ptr,  # [T] int32, top-k only
     block_start_ptr,  # [blocks] int32, top-k only
     block_end_ptr,  # [blocks] int32, top-k only
-    u_ptr,  # [T, slots * r] fp32: U, written (forward, SAVE_U) or read (backward)
+    u_in_ptr,  # [T, slots * r] fp32: U, read (backward)
+    u_out_ptr,  # [T, slots * r] fp32: U, written (forward with SAVE_U)
     s_ptr,  # [T, slots * r] fp32: S (forward) or dU (backward)
     dgate_ptr,  # [T, slots] fp32, backward only
     num_tokens,
@@ -48,23 +55,27 @@ def _shrink_kernel(
     SEGMENTED: tl.constexpr,
     BACKWARD: tl.constexpr,
     SAVE_U: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     slot = tl.program_id(1)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(2) * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
     rows, row_mask, lead = token_block(
         block, perm_ptr, block_start_ptr, block_end_ptr, num_tokens, BLOCK_M, SEGMENTED
     )
     expert = slot_expert(lead, slot, ids_ptr, num_slots, SEGMENTED)
 
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     r_mask = offs_r < rank
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     w_ptrs = w_ptr + expert * stride_we + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk  # [BK, BR]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k + k0 < K
+    for k0 in range(0, k_end - k_start, BLOCK_K):
+        k_mask = offs_k + k0 < k_end
         x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
@@ -75,11 +86,20 @@ def _shrink_kernel(
     inter_mask = row_mask[:, None] & r_mask[None, :]
     weight = tl.load(gate_ptr + rows * num_slots + slot, mask=row_mask, other=0.0).to(tl.float32) * scaling
     if BACKWARD:
-        unscaled = tl.load(u_ptr + inter, mask=inter_mask, other=0.0)
-        tl.store(dgate_ptr + rows * num_slots + slot, tl.sum(unscaled * acc, axis=1) * scaling, mask=row_mask)
+        unscaled = tl.load(u_in_ptr + inter, mask=inter_mask, other=0.0)
+        _put(dgate_ptr + rows * num_slots + slot, tl.sum(unscaled * acc, axis=1) * scaling, row_mask, SPLIT_K)
     elif SAVE_U:
-        tl.store(u_ptr + inter, acc, mask=inter_mask)
-    tl.store(s_ptr + inter, acc * weight[:, None], mask=inter_mask)
+        _put(u_out_ptr + inter, acc, inter_mask, SPLIT_K)
+    _put(s_ptr + inter, acc * weight[:, None], inter_mask, SPLIT_K)
+
+
+@triton.jit
+def _put(ptrs, values, mask, SPLIT_K: tl.constexpr):
+    """Stores a result, or adds a partial one when the reduction is split."""
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, values, mask=mask)
+    else:
+        tl.store(ptrs, values, mask=mask)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -101,8 +121,9 @@ def _launch(
     result: torch.Tensor,
     dgate: torch.Tensor | None,
     backward: bool,
+    split_k: int,
 ) -> None:
-    grid = (routing.num_blocks, routing.num_slots)
+    grid = (routing.num_blocks, routing.num_slots, split_k)
     _shrink_kernel[grid](
         inp,
         weight,
@@ -111,7 +132,8 @@ def _launch(
         routing.perm if routing.segmented else gate,
         routing.block_start if routing.segmented else gate,
         routing.block_end if routing.segmented else gate,
-        unscaled if unscaled is not None else result,
+        unscaled if backward else result,
+        unscaled if unscaled is not None and not backward else result,
         result,
         dgate if dgate is not None else result,
         routing.num_tokens,
@@ -127,8 +149,20 @@ def _launch(
         SEGMENTED=routing.segmented,
         BACKWARD=backward,
         SAVE_U=unscaled is not None,
+        SPLIT_K=split_k,
         PRECISION=dot_precision(inp.dtype),
     )
+
+
+def _split_k(routing: Routing, K: int, device: torch.device) -> int:
+    return num_splits(routing.num_blocks * routing.num_slots, triton.cdiv(K, 128), device)
+
+
+def _buffer(like: torch.Tensor, shape: tuple[int, ...], zeroed: bool) -> torch.Tensor:
+    """An fp32 buffer; zeroed when split programs add into it."""
+    if zeroed:
+        return like.new_zeros(shape, dtype=torch.float32)
+    return like.new_empty(shape, dtype=torch.float32)
 
 
 def shrink(
@@ -154,10 +188,12 @@ def shrink(
         ``U`` or None, and ``S``; both ``[T, slots * r]`` fp32.
     """
     rank = lora_A.shape[1]
-    gated = x.new_empty(routing.num_tokens, routing.num_slots * rank, dtype=torch.float32)
-    unscaled = torch.empty_like(gated) if save_unscaled else None
+    split_k = _split_k(routing, x.shape[1], x.device)
+    shape = (routing.num_tokens, routing.num_slots * rank)
+    gated = _buffer(x, shape, split_k > 1)
+    unscaled = _buffer(x, shape, split_k > 1) if save_unscaled else None
     strides = (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2))
-    _launch(x, lora_A, strides, rank, gate, routing, scaling, unscaled, gated, None, backward=False)
+    _launch(x, lora_A, strides, rank, gate, routing, scaling, unscaled, gated, None, False, split_k)
     return unscaled, gated
 
 
@@ -183,8 +219,9 @@ def shrink_grad(
         ``dU [T, slots * r]`` and ``dgate [T, slots]``, both fp32.
     """
     rank = lora_B.shape[2]
-    grad_unscaled = torch.empty_like(unscaled)
-    grad_gate = unscaled.new_empty(routing.num_tokens, routing.num_slots)
+    split_k = _split_k(routing, grad_out.shape[1], grad_out.device)
+    grad_unscaled = _buffer(unscaled, tuple(unscaled.shape), split_k > 1)
+    grad_gate = _buffer(unscaled, (routing.num_tokens, routing.num_slots), split_k > 1)
     strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
-    _launch(grad_out, lora_B, strides, rank, gate, routing, scaling, unscaled, grad_unscaled, grad_gate, backward=True)
+    _launch(grad_out, lora_B, strides, rank, gate, routing, scaling, unscaled, grad_unscaled, grad_gate, True, split_k)
     return grad_unscaled, grad_gate

@@ -17,7 +17,7 @@ def token_block(
     """Rows of token block ``block``.
 
     Returns:
-        ``rows [BLOCK_M]`` token indices, ``mask [BLOCK_M]`` the valid ones, and ``lead``,
+        ``rows [BLOCK_M]`` int64 token indices, ``mask [BLOCK_M]`` the valid ones, and ``lead``,
         the block's first token (whose expert ids the whole block shares).
     """
     offs = tl.arange(0, BLOCK_M)
@@ -25,10 +25,10 @@ def token_block(
         start = tl.load(block_start_ptr + block)
         end = tl.load(block_end_ptr + block)
         mask = start + offs < end
-        rows = tl.load(perm_ptr + start + offs, mask=mask, other=0)
+        rows = tl.load(perm_ptr + start + offs, mask=mask, other=0).to(tl.int64)
         lead = tl.load(perm_ptr + start)
     else:
-        rows = block * BLOCK_M + offs
+        rows = (block * BLOCK_M + offs).to(tl.int64)
         mask = rows < num_tokens
         lead = block * BLOCK_M
     return rows, mask, lead

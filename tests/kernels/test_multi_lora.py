@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_empathy.kernels import multi_lora, multi_lora_reference
+from moe_empathy.kernels import configs, multi_lora, multi_lora_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -124,6 +124,14 @@ def _check_case(case):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_backward_match_reference(case, poisoned_alloc):
+    _check_case(case)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[9], CASES[10]], ids=_case_id)
+def test_split_reductions_match_reference(case, poisoned_alloc, monkeypatch):
+    """The split-K shrink (in or out past one 128 block) and the token-split weight
+    gradients (67 tokens: 3 blocks) add partial sums atomically."""
+    monkeypatch.setattr(configs, "FORCE_SPLIT", 2)
     _check_case(case)
 
 
