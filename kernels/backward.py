@@ -121,15 +121,21 @@ def _launch(
     )
 
 
-def grad_lora_A(grad_unscaled: torch.Tensor, x: torch.Tensor, num_experts: int, rank: int, routing: Routing) -> torch.Tensor:
+def grad_lora_A(
+    grad_unscaled: torch.Tensor, x: torch.Tensor, num_experts: int, rank: int, routing: Routing
+) -> torch.Tensor:
     """``dA [E, r, in]`` (fp32) from ``dU [T, slots * r]`` and ``x [T, in]``."""
     grad_a = torch.zeros(num_experts, rank, x.shape[1], device=x.device, dtype=torch.float32)
-    _launch(grad_unscaled, x, num_experts, rank, routing, grad_a, (grad_a.stride(0), grad_a.stride(1), grad_a.stride(2)))
+    strides = (grad_a.stride(0), grad_a.stride(1), grad_a.stride(2))
+    _launch(grad_unscaled, x, num_experts, rank, routing, grad_a, strides)
     return grad_a
 
 
-def grad_lora_B(gated: torch.Tensor, grad_out: torch.Tensor, num_experts: int, rank: int, routing: Routing) -> torch.Tensor:
+def grad_lora_B(
+    gated: torch.Tensor, grad_out: torch.Tensor, num_experts: int, rank: int, routing: Routing
+) -> torch.Tensor:
     """``dB [E, out, r]`` (fp32) from ``S [T, slots * r]`` and ``dY [T, out]``."""
     grad_b = torch.zeros(num_experts, grad_out.shape[1], rank, device=grad_out.device, dtype=torch.float32)
-    _launch(gated, grad_out, num_experts, rank, routing, grad_b, (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1)))
+    strides = (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1))  # [out, r] written as [r, out]
+    _launch(gated, grad_out, num_experts, rank, routing, grad_b, strides)
     return grad_b

@@ -277,7 +277,8 @@ def run_benchmark(
             inputs = _inputs(point, dtype, device, turn_tokens)
             times = {}
             for method in methods:
-                progress.update(task, description=f"{method:>9} {point.pass_} {point.mode} T={point.tokens} h={point.hidden}")
+                label = f"{method:>9} {point.pass_} {point.mode} T={point.tokens} h={point.hidden}"
+                progress.update(task, description=label)
                 step = _step(method, inputs, point, scaling=2.0)
                 times[method] = _time_ms(step, device, warmup, rep)
                 nbytes, flops, read_once = _work(point, method, itemsize)
@@ -365,7 +366,11 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
             for j, hidden in enumerate(hiddens):
                 ax = axes[i][j]
                 for method in METHODS:
-                    pts = sorted((r.tokens, r.median_ms) for r in sel if r.pass_ == pass_ and r.hidden == hidden and r.method == method)
+                    pts = sorted(
+                        (r.tokens, r.median_ms)
+                        for r in sel
+                        if r.pass_ == pass_ and r.hidden == hidden and r.method == method
+                    )
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=method)
                 ax.set_xscale("log")
@@ -390,7 +395,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     The parser's ``func`` default runs it: ``args.func(args)``.
     """
-    parser = subparsers.add_parser("kernels", help="microbenchmark of the multi-LoRA kernels", description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "kernels", help="microbenchmark of the multi-LoRA kernels", description=__doc__.split("\n\n")[0]
+    )
     _add_arguments(parser)
     parser.set_defaults(func=run_from_args)
     return parser

@@ -9,7 +9,8 @@ from moe_empathy.kernels import bench
 
 
 def test_quick_run_on_cpu_writes_csv_and_plots(tmp_path, capsys):
-    rows = bench.main(["--quick", "--tokens", "1,16", "--device", "cpu", "--warmup", "1", "--rep", "5", "--output-dir", str(tmp_path)])
+    argv = ["--quick", "--tokens", "1,16", "--device", "cpu", "--warmup", "1", "--rep", "5"]
+    rows = bench.main([*argv, "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "Triton kernels need CUDA" in printed
     with (tmp_path / "results.csv").open() as f:

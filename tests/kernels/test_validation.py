@@ -54,8 +54,9 @@ BAD = {
 def test_bad_input_raises(name, backend):
     args, message = BAD[name]
     args = dict(args)
+    positional = [args.pop(name) for name in ("x", "lora_A", "lora_B", "gate", "scaling")]
     with pytest.raises(ValueError, match=message):
-        multi_lora(args.pop("x"), args.pop("lora_A"), args.pop("lora_B"), args.pop("gate"), args.pop("scaling"), backend=backend, **args)
+        multi_lora(*positional, backend=backend, **args)
 
 
 def test_unknown_backend():
