@@ -71,10 +71,10 @@ def check_inputs(
             )
         if gate.shape[1] == 0:
             raise ValueError("top-k routing needs k >= 1")
-        if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= num_experts):
-            raise ValueError(
-                f"expert_ids must lie in [0, {num_experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]"
-            )
+        if expert_ids.numel():
+            low, high = torch.stack(torch.aminmax(expert_ids)).tolist()  # one read-back
+            if low < 0 or high >= num_experts:
+                raise ValueError(f"expert_ids must lie in [0, {num_experts}), got [{low}, {high}]")
     if out is not None:
         if out.shape != (num_tokens, out_features):
             raise ValueError(f"out must have shape {(num_tokens, out_features)}, got {tuple(out.shape)}")
