@@ -32,6 +32,7 @@ from .base import load_base
 from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateOutput, GateState, TurnGate, gate_losses
 from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
+from .peft_io import adapters_span, export_expert, import_expert
 from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
 COMPACT_WEIGHTS = "experts.safetensors"
@@ -188,45 +189,80 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         model.generation_config = copy.deepcopy(base.generation_config)
         return model
 
+    @classmethod
+    def from_peft_adapters(
+        cls,
+        base: PreTrainedModel | str | os.PathLike,
+        adapters: Mapping[str, str | os.PathLike],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config_overrides,
+    ) -> "MoeEmpathyForCausalLM":
+        """Builds a gated model whose experts are ordinary peft LoRA adapters, one per name.
+
+        The expert names, target modules, rank (the largest) and ``gate_layer`` (the lowest
+        adapted layer) follow the adapters unless overridden. The gate starts untrained.
+
+        Args:
+            base: the base model the adapters were trained on (model, folder or default id).
+            adapters: ``{expert_name: adapter_folder}``, in expert order.
+            tokenizer: the base's tokenizer (for turn markers).
+            **config_overrides: other :class:`MoeEmpathyConfig` fields.
+        """
+        targets, rank, lowest = adapters_span(adapters)
+        config_overrides.setdefault("expert_names", list(adapters))
+        config_overrides.setdefault("target_modules", targets)
+        config_overrides.setdefault("lora_rank", rank)
+        config_overrides.setdefault("gate_layer", lowest)
+        model = cls.from_base(base, tokenizer=tokenizer, **config_overrides)
+        for name, folder in adapters.items():
+            model.load_peft_expert(name, folder)
+        return model
+
+    def load_peft_expert(self, name: str, folder: str | os.PathLike) -> None:
+        """Fills the expert ``name`` from a peft LoRA adapter folder."""
+        import_expert(self, name, folder)
+
+    def export_peft_expert(self, name: str, folder: str | os.PathLike) -> None:
+        """Writes the expert ``name`` as a peft LoRA adapter folder."""
+        export_expert(self, name, folder)
+
     def _install_hooks(self) -> None:
+        """Routes the experts of every decoder layer ``>= gate_layer`` through forward hooks.
+
+        Hooks on a decoder layer run outside transformers' gradient checkpointing (which
+        wraps the layer's ``forward``), so the routing is also set by a pre-hook on the
+        layer's ``self_attn``, which runs inside it: the recomputation in backward then
+        sees the very same gate tensor, handed down as a keyword argument.
+        """
         layers = decoder_layers(self.model)
         self._expert_layers: dict[int, list[MultiLoraLinear]] = {}
         for index in range(self.config.gate_layer, len(layers)):
-            linears = [m for m in layers[index].modules() if isinstance(m, MultiLoraLinear)]
-            self._expert_layers[index] = linears
-            hook = self._gate_hook if index == self.config.gate_layer else partial(self._route_hook, index)
-            layers[index].register_forward_pre_hook(hook, with_kwargs=True)
-            layers[index].register_forward_hook(partial(self._clear_hook, index), with_kwargs=True)
+            self._expert_layers[index] = [m for m in layers[index].modules() if isinstance(m, MultiLoraLinear)]
+            layers[index].register_forward_pre_hook(partial(self._layer_pre_hook, index), with_kwargs=True)
+            layers[index].register_forward_hook(partial(self._layer_post_hook, index), with_kwargs=True)
+            attention = getattr(layers[index], "self_attn", None)
+            if attention is not None:
+                attention.register_forward_pre_hook(partial(self._attention_pre_hook, index), with_kwargs=True)
 
-    # ----------------------------------------------------------------- hooks
-
-    def _gate_hook(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Decides the gate from the states entering ``gate_layer`` and routes this layer.
-
-        It runs the same computation on every call, so a checkpointed recomputation saves the
-        same tensors; the first decision is the one kept for the other layers.
-        """
+    def _layer_pre_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decides the gate at ``gate_layer`` (from the states entering it) and routes the layer."""
         call: _GateCall | None = kwargs.get(ROUTING_KWARG)
-        if call is None:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
-        output = self.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
-        routing = self._token_routing(output, call.turn_ids, forced=call.forced is not None)
-        if call.output is None:
-            call.output, call.routing = output, routing
-        for linear in self._expert_layers[self.config.gate_layer]:
+        if call is not None and index == self.config.gate_layer:
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+            call.output = self.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
+            call.routing = self._token_routing(call.output, call.turn_ids, forced=call.forced is not None)
+        self._set_routing(index, call.routing if call is not None else None)
+
+    def _attention_pre_hook(self, index: int, attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        call: _GateCall | None = kwargs.get(ROUTING_KWARG)
+        self._set_routing(index, call.routing if call is not None else None)
+
+    def _layer_post_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self._set_routing(index, None)
+
+    def _set_routing(self, index: int, routing: TokenRouting | None) -> None:
+        for linear in self._expert_layers[index]:
             linear.routing = routing
-
-    def _route_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        call: _GateCall | None = kwargs.get(ROUTING_KWARG)
-        if call is None:
-            return
-        for linear in self._expert_layers[index]:
-            linear.routing = call.routing
-
-    def _clear_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        for linear in self._expert_layers[index]:
-            linear.routing = None
 
     def _token_routing(self, output: GateOutput, turn_ids: torch.Tensor, forced: bool) -> TokenRouting:
         """Spreads each turn's mixture over its tokens."""
@@ -322,6 +358,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         shape = tuple(reference.shape)
         last_turn = gate_state.last_turn if gate_state is not None else None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, -shape[1] :]  # the mask also covers cached tokens
         if turn_ids is None:
             ids = input_ids if input_ids is not None else None
             if ids is None or self.config.user_turn_marker is None:
@@ -395,12 +433,21 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Non-reentrant checkpointing (the gate is read from outside each layer's inputs)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Activation (gradient) checkpointing, non-reentrant: the gate enters each layer from
+        outside its inputs, which only non-reentrant checkpointing differentiates."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
             raise ValueError("use_reentrant=True cannot carry the gate's gradient; use use_reentrant=False")
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = decoder_layers(self.model)
+        if any(getattr(layers[i], "self_attn", None) is None for i in self._expert_layers):
+            raise ValueError(
+                "activation checkpointing needs a `self_attn` module in every decoder layer to re-route the experts "
+                f"during recomputation; {type(layers[self.config.gate_layer]).__name__} has none"
+            )
+        super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     # ----------------------------------------------------------------- overrides and introspection
 
