@@ -2,7 +2,7 @@
 
 On a machine without CUDA these run under Triton's CPU interpreter (set up in the root
 conftest), so the shapes are small and odd: tokens 1, 7, 67; in/out features off the
-block sizes (and past one block: 130); rank 4 and 16; 1, 3 and 5 experts; dense and
+block sizes (and past one block: 130); rank 4 and 16 (and 12); 1, 3 and 5 experts; dense and
 top-k routing (turn-sized runs and per-token random ids); with and without ``out``.
 Every input is fresh random data; every buffer the kernels allocate starts as NaN.
 """
@@ -30,6 +30,7 @@ CASES = [
     (67, 37, 53, 5, 4, 2, "random", True, torch.float16),
     (7, 130, 29, 1, 16, 1, "runs", False, torch.float16),
     (67, 29, 130, 3, 16, 2, "runs", True, torch.float32),
+    (7, 37, 53, 3, 12, 2, "random", True, torch.float32),  # a rank off the powers of two
 ]
 
 
