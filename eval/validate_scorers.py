@@ -38,9 +38,9 @@ def validate_scorers(names=SCORERS, data=None, scorer_kwargs: dict | None = None
         scorer_kwargs: scorer name -> constructor arguments.
 
     Returns:
-        name -> ``{"spearman", "p_value", "n", "seconds", "mechanisms": {name: rho}}``.
+        name -> ``{"spearman", "p_value", "n", "seconds", "mechanisms": {name: rho}}``;
+        a correlation is None where the scorer gave the same value to every item.
     """
-    from scipy.stats import spearmanr
 
     data = data if data is not None else load_hand_labelled()
     responses = [r["response"] for r in data]
@@ -49,19 +49,31 @@ def validate_scorers(names=SCORERS, data=None, scorer_kwargs: dict | None = None
     for name in names:
         start = time.perf_counter()
         scores = get_scorer(name, **(scorer_kwargs or {}).get(name, {})).score(responses, contexts)
-        overall = spearmanr([r["score"] for r in data], [s.score for s in scores])
+        rho, p_value = _spearman([r["score"] for r in data], [s.score for s in scores])
         report[name] = {
-            "spearman": float(overall.statistic),
-            "p_value": float(overall.pvalue),
+            "spearman": rho,
+            "p_value": p_value,
             "n": len(data),
             "seconds": time.perf_counter() - start,
             "mechanisms": {
-                m: float(spearmanr([r["mechanisms"][m] for r in data],
-                                   [s.mechanisms[m] for s in scores]).statistic)
+                m: _spearman([r["mechanisms"][m] for r in data], [s.mechanisms[m] for s in scores])[0]
                 for m in MECHANISMS
             },
         }
     return report
+
+
+def _spearman(labels: list, predictions: list) -> tuple[float | None, float | None]:
+    from scipy.stats import spearmanr
+
+    if len(set(predictions)) < 2 or len(set(labels)) < 2:
+        return None, None
+    result = spearmanr(labels, predictions)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "constant" if value is None else format(value, spec)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -104,8 +116,8 @@ def run_scorers(args: argparse.Namespace) -> dict:
     for column in ("scorer", "overall", "p", *MECHANISMS, "seconds"):
         table.add_column(column)
     for name, r in report.items():
-        table.add_row(name, f"{r['spearman']:.3f}", f"{r['p_value']:.1e}",
-                      *[f"{r['mechanisms'][m]:.3f}" for m in MECHANISMS], f"{r['seconds']:.1f}")
+        table.add_row(name, _fmt(r["spearman"], ".3f"), _fmt(r["p_value"], ".1e"),
+                      *[_fmt(r["mechanisms"][m], ".3f") for m in MECHANISMS], f"{r['seconds']:.1f}")
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
