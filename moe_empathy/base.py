@@ -107,3 +107,15 @@ def load_base(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[Pr
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer
+
+
+def load_base_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model reference (see :func:`load_base`), without its weights.
+
+    Args:
+        name_or_path: :data:`DEFAULT_BASE_ID` or a local model folder with tokenizer files.
+    """
+    path = default_base_path() if name_or_path == DEFAULT_BASE_ID else Path(name_or_path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer found for base model {name_or_path!r}; save one in {path}")
+    return AutoTokenizer.from_pretrained(path)
