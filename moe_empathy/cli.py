@@ -120,7 +120,7 @@ def plot_gate_over_turns(results: dict, names: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 2.8), squeeze=False)
     for ax, (dialogue, turns) in zip(axes[0], results.items()):
-        grid = torch.tensor([[turn["gate"][n] for turn in turns] for n in names])  # [E, turns]
+        grid = [[turn["gate"][n] for turn in turns] for n in names]  # [E, turns]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(len(turns)), [str(k) for k in range(len(turns))])

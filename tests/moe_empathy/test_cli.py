@@ -39,3 +39,31 @@ def test_benchmark_ratios_are_against_the_right_reference():
     assert rows[("generate", "base")]["tokens_per_s"] == pytest.approx(5.0)
     assert rows[("generate", "ours")]["vs_reference"] == pytest.approx(0.5)
     assert rows[("train_step", "ours")]["vs_reference"] == pytest.approx(1.5)
+
+
+@pytest.fixture
+def saved_model(model, tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_demo_writes_transcript_and_plot(saved_model, tmp_path):
+    import json
+
+    assert main(["demo", "--model", str(saved_model), "--out", str(tmp_path / "demo"), "--max-new-tokens", "3"]) == 0
+    data = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    turns = data["dialogues"]["tech_support_to_thesis_loss"]
+    assert len(turns) == 4 and all(abs(sum(t["gate"].values()) - 1) < 1e-5 for t in turns)
+    assert (tmp_path / "demo" / "gate_over_turns.png").stat().st_size > 0
+
+
+def test_chat_shows_the_gate_for_each_reply(saved_model, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nmy cat died\n\n"))
+    assert main(["chat", "--model", str(saved_model), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("gate, turn") == 2 and "gate, turn 1" in out
+    assert all(name in out for name in ("low", "medium", "high"))

@@ -269,3 +269,15 @@ def test_text_generation_pipeline_with_chat_messages(model, tokenizer, dialogue)
     chat = pipeline("text-generation", model=model, tokenizer=tokenizer)
     out = chat(dialogue, max_new_tokens=4, do_sample=False)
     assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_from_base_accepts_a_local_folder(tokenizer, tmp_path, dialogue):
+    tiny_base().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = MoeEmpathyForCausalLM.from_base(tmp_path / "base", lora_rank=4).eval()
+    assert model.config.user_turn_marker is not None  # found from the folder's tokenizer
+    enc = encode_chat(tokenizer, dialogue)
+    with torch.no_grad():
+        assert torch.equal(model(enc["input_ids"]).logits, tiny_base()(enc["input_ids"]).logits)
+    with pytest.raises(FileNotFoundError, match="cannot be found"):
+        MoeEmpathyForCausalLM.from_base(tmp_path / "missing")
