@@ -1,0 +1,258 @@
+"""The gated model and its baselines, built and trained by the same code.
+
+``method`` in the config selects:
+
+* ``gated``: fresh experts and gate in the base, trained jointly (:class:`MoeEmpathyForCausalLM`).
+* ``single_lora``: one peft LoRA on all assistant turns; no experts, no gate.
+* ``per_level``: one peft LoRA per empathy level, each trained only on the assistant turns of
+  its level (the paper's experts, to be selected externally); written to ``OUTPUT/<level>/``.
+* ``gated_from_experts``: a gated model whose experts are imported from a ``per_level`` run
+  (``model.init_from_experts``), then trained jointly with a fresh gate.
+
+Every LoRA sits in the same modules and layers as the gated model's experts (layers at or
+above ``gate_layer``), so the methods differ only in routing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+
+from moe_empathy.base import DEFAULT_BASE_ID, default_base_path, load_base
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.turns import find_turn_markers
+
+from .collate import encode_dialogue, restrict_to_expert
+from .config import TINY_BASE, TrainConfig
+from .trainer import EncodedDialogues, copy_model_files, run_training
+
+SPLITS = ("train", "validation", "test")
+
+
+# --------------------------------------------------------------------- models
+
+
+def tiny_llama(config: TrainConfig, vocab_size: int) -> LlamaForCausalLM:
+    """The random Llama of ``model.base: tiny`` (tied embeddings like SmolLM2).
+
+    Args:
+        config: the run's config (``model.tiny`` gives the shape and seed).
+        vocab_size: the tokenizer's vocabulary size.
+    """
+    tiny = config.model.tiny
+    torch.manual_seed(tiny.seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size,
+            num_hidden_layers=tiny.num_hidden_layers,
+            num_attention_heads=tiny.num_attention_heads,
+            num_key_value_heads=tiny.num_key_value_heads,
+            vocab_size=vocab_size,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            max_position_embeddings=2048,
+        )
+    )
+    return model
+
+
+def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: ``model.tokenizer``, else the base's (the default base's for ``tiny``)."""
+    source = config.model.tokenizer
+    if source is None:
+        base = config.model.base
+        source = str(default_base_path()) if base in (TINY_BASE, DEFAULT_BASE_ID) else base
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer from {source} has no chat template; set model.tokenizer to one that has")
+    return tokenizer
+
+
+def load_base_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, output_dir: Path, args: TrainingArguments) -> PreTrainedModel:
+    """The frozen base model, fp32. A ``tiny`` base is saved once under ``output_dir/base`` so
+    that compact checkpoints can point to it.
+
+    Args:
+        config: the run's config.
+        tokenizer: the run's tokenizer.
+        output_dir: the run folder.
+        args: the run's training arguments (for the main process).
+    """
+    if config.model.base != TINY_BASE:
+        base, _ = load_base(config.model.base, dtype=torch.float32)
+        return base
+    base = tiny_llama(config, len(tokenizer))
+    folder = (output_dir / "base").resolve()
+    with args.main_process_first(desc="save the tiny base"):
+        if args.should_save and not (folder / "config.json").is_file():
+            base.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+    base.config.name_or_path = str(folder)
+    return base
+
+
+def gate_layer(config: TrainConfig, base: PreTrainedModel) -> int:
+    """The lowest layer with experts (the config's, else a third of the depth)."""
+    layer = config.model.gate_layer
+    return layer if layer is not None else base.config.num_hidden_layers // 3
+
+
+def gated_model(config: TrainConfig, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoeEmpathyForCausalLM:
+    """A gated model around ``base``: fresh experts, or the experts of a ``per_level`` run.
+
+    Args:
+        config: the run's config.
+        base: the base model (wrapped in place).
+        tokenizer: its tokenizer (for the turn markers).
+    """
+    m = config.model
+    overrides = dict(
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        gate_hidden_size=m.gate_hidden_size,
+        gate_type=m.gate_type,
+        gate_top_k=m.gate_top_k,
+        gate_memory=m.gate_memory,
+        gate_label_loss_weight=m.gate_label_loss_weight,
+        load_balancing_loss_weight=m.load_balancing_loss_weight,
+        z_loss_weight=m.z_loss_weight,
+        base_model_name_or_path=base.config.name_or_path,
+    )
+    torch.manual_seed(config.training.seed)
+    if config.method == "gated_from_experts":
+        folder = Path(m.init_from_experts)
+        adapters = {name: folder / name for name in m.expert_names}
+        return MoeEmpathyForCausalLM.from_peft_adapters(base, adapters, tokenizer=tokenizer, lora_rank=m.lora_rank, **overrides)
+    return MoeEmpathyForCausalLM.from_base(
+        base,
+        tokenizer=tokenizer,
+        expert_names=list(m.expert_names),
+        lora_rank=m.lora_rank,
+        target_modules=list(m.target_modules),
+        gate_layer=gate_layer(config, base),
+        **overrides,
+    )
+
+
+def lora_model(config: TrainConfig, base: PreTrainedModel):
+    """A peft LoRA on the gated model's expert placement (same modules, layers >= gate_layer).
+
+    Args:
+        config: the run's config.
+        base: the base model.
+    """
+    m = config.model
+    torch.manual_seed(config.training.seed)
+    lora = LoraConfig(
+        r=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        target_modules=list(m.target_modules),
+        layers_to_transform=list(range(gate_layer(config, base), base.config.num_hidden_layers)),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+# --------------------------------------------------------------------- data
+
+
+def ensure_corpus(config: TrainConfig, args: TrainingArguments) -> Path:
+    """``data.path``, generated first (main process) when missing and ``data.synthesize`` is set."""
+    path = Path(config.data.path)
+    with args.main_process_first(desc="synthesise the corpus"):
+        if not path.exists():
+            from .synth import SynthConfig, generate, write_corpus
+
+            s = config.data.synthesize
+            settings = {"backend": "template", "seed": s.seed, "dialogues": s.dialogues, "turns": f"{s.min_turns}-{s.max_turns}"}
+            if args.should_save:
+                corpus = generate(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed))
+                write_corpus(corpus, path, settings)
+    return path
+
+
+def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path: Path) -> dict[str, list[dict]]:
+    """Encodes the corpus's three splits; validation and test are sorted by length (less padding).
+
+    Args:
+        config: the run's config.
+        tokenizer: the run's tokenizer.
+        path: the corpus folder.
+    """
+    from datasets import load_from_disk
+
+    corpus = load_from_disk(str(path))
+    missing = [s for s in SPLITS if s not in corpus]
+    if missing:
+        raise ValueError(f"{path} lacks the split(s) {missing}; regenerate it with `moe-empathy synth`")
+    markers = find_turn_markers(tokenizer)
+    limits = {"train": config.data.max_train_dialogues, "validation": config.data.max_eval_dialogues, "test": None}
+    splits = {}
+    for split in SPLITS:
+        records = corpus[split]
+        if limits[split] is not None:
+            records = records.select(range(min(limits[split], len(records))))
+        rows = [encode_dialogue(r, tokenizer, markers, config.model.expert_names, config.data.max_length) for r in records]
+        rows = [r for r in rows if r is not None]
+        if not rows:
+            raise ValueError(f"no {split} dialogue fits data.max_length={config.data.max_length}; raise it")
+        splits[split] = rows if split == "train" else sorted(rows, key=lambda r: r["length"])
+    return splits
+
+
+# --------------------------------------------------------------------- methods
+
+
+def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: str | os.PathLike | None) -> dict:
+    """Trains what ``config.method`` names into ``output_dir``.
+
+    Args:
+        config: the run's config.
+        output_dir: the run folder.
+        max_steps: optimizer steps (per expert for ``per_level``).
+        resume: a checkpoint or run folder to resume from (the run folder for ``per_level``).
+
+    Returns:
+        The run's summary.
+    """
+    from .trainer import training_arguments
+
+    args = training_arguments(config, str(output_dir), max_steps)
+    tokenizer = load_tokenizer(config)
+    splits = encode_splits(config, tokenizer, ensure_corpus(config, args))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.method in ("gated", "gated_from_experts"):
+        model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
+        data = {split: EncodedDialogues(rows) for split, rows in splits.items()}
+        return run_training(config, model, pad, data, output_dir, max_steps, resume, description=config.method)
+    if config.method == "single_lora":
+        model = lora_model(config, load_base_model(config, tokenizer, output_dir, args))
+        data = {split: EncodedDialogues(rows) for split, rows in splits.items()}
+        return run_training(config, model, pad, data, output_dir, max_steps, resume, "single_lora", with_gate=False)
+    summaries = {}
+    for index, name in enumerate(config.model.expert_names):
+        data = {}
+        for split, rows in splits.items():
+            kept = [r for r in (restrict_to_expert(row, index) for row in rows) if r is not None]
+            if not kept:
+                raise ValueError(f"no {split} dialogue has a {name!r} turn; generate more dialogues")
+            data[split] = EncodedDialogues(kept)
+        run_dir = output_dir / "runs" / name
+        level_resume = resume and (Path(resume) / "runs" / name)
+        if level_resume is not None and not any(level_resume.glob("checkpoint-*")):
+            level_resume = None
+        model = lora_model(config, load_base_model(config, tokenizer, output_dir, args))
+        summaries[name] = run_training(config, model, pad, data, run_dir, max_steps, level_resume, f"expert {name}", with_gate=False)
+        if args.should_save:
+            copy_model_files(run_dir / "last", output_dir / name)
+    return {"method": "per_level", "steps": max_steps, "experts": summaries, "test": {
+        f"test_{name}_lm_loss": s["test"].get("test_lm_loss") for name, s in summaries.items()
+    }}

@@ -1,0 +1,605 @@
+"""Joint training of the experts and the gate with ``transformers.Trainer`` (accelerate underneath).
+
+``moe-empathy train --config train/configs/NAME.yaml`` or, for several processes,
+``accelerate launch -m moe_empathy.train.trainer --config ...``. The ``method`` of the
+config picks the gated model or a baseline (see :mod:`.baselines`); all of them share the
+data pipeline, the loss bookkeeping, the callbacks and the checkpoint format here.
+
+Objective per micro-batch: the LM loss over assistant tokens, normalised by the number of
+assistant tokens of the whole optimizer step (all processes and accumulation steps, so any
+split of one global batch gives the same gradient), plus the gate's weighted losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
+
+from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
+from .config import TrainConfig, load_config
+
+TRAINER_STATE_NAME = "trainer_state.json"
+STAGING_PREFIX = "tmp-"
+LOG_FILE = "log.jsonl"
+GATE_METRICS = ("gate_label_loss", "load_balancing_loss", "z_loss", "aux_loss", "gate_entropy", "gate_accuracy")
+SUMMARY_FILE = "summary.json"
+MODEL_FILES = ("config.json", "generation_config.json", COMPACT_WEIGHTS, "adapter_config.json", "adapter_model.safetensors")
+
+
+class EncodedDialogues(Dataset):
+    """Encoded dialogues (rows of :func:`.collate.encode_dialogue`) as a map-style dataset."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [r["length"] for r in self.rows]
+
+
+@dataclass
+class _Buffer:
+    """Sums and counts of the logged quantities since the last log."""
+
+    sums: dict
+    counts: dict
+
+    @classmethod
+    def empty(cls) -> "_Buffer":
+        return cls(defaultdict(float), defaultdict(float))
+
+    def add(self, name: str, total: float, count: float) -> None:
+        self.sums[name] += float(total)
+        self.counts[name] += float(count)
+
+
+class MoeEmpathyTrainer(Trainer):
+    """``Trainer`` with our objective, length-bucketed batches, compact and atomic checkpoints.
+
+    Logs, besides ``loss``: ``lm_loss`` (per assistant token), ``gate_label_loss``,
+    ``load_balancing_loss``, ``z_loss``, ``aux_loss``, ``gate_accuracy`` (argmax against the
+    per-turn labels), ``gate_entropy`` (nats, per turn) and ``tokens_per_second``.
+
+    Args:
+        train_lengths: token count of every training dialogue (for the length buckets).
+        bucket_size: global batches per length bucket.
+        sort_by_length: bucket by length (False: plain seeded shuffling, padding to the longest).
+        *args, **kwargs: as for ``Trainer``.
+    """
+
+    def __init__(self, *args, train_lengths: list[int], bucket_size: int = 32, sort_by_length: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_lengths = train_lengths
+        self.bucket_size = bucket_size
+        self.sort_by_length = sort_by_length
+        self._buffers = {"train": _Buffer.empty(), "eval": _Buffer.empty()}
+        self._metric_prefix = "eval"
+        self._last_log_time = time.perf_counter()
+
+    # ----------------------------------------------------------------- data
+
+    def _get_train_sampler(self, train_dataset=None) -> LengthBucketSampler:
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthBucketSampler(
+            self.train_lengths, global_batch, self.bucket_size, seed=self.args.seed, sort=self.sort_by_length
+        )
+
+    # ----------------------------------------------------------------- objective
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """LM loss on assistant tokens plus the gate's weighted losses (see the module docstring)."""
+        labels = inputs.pop("labels")  # [batch, seq]
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].float()  # [batch, seq - 1, vocab]
+        targets = labels[:, 1:]  # [batch, seq - 1]
+        lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        tokens = (targets != IGNORE_INDEX).sum()
+        aux = getattr(outputs, "aux_loss", None)
+        aux = aux if aux is not None else lm_sum.new_zeros(())
+        if model.training and num_items_in_batch is not None:
+            # Sums over this process's tokens / tokens of the whole step; DDP averages over
+            # processes, hence the factor; the gate losses are means, averaged over micro-batches.
+            lm_loss = lm_sum / num_items_in_batch * self.accelerator.num_processes
+            loss = lm_loss + aux / self.current_gradient_accumulation_steps
+        else:
+            loss = lm_sum / tokens.clamp(min=1) + aux
+        self._record(outputs, inputs, lm_sum.detach(), tokens, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, outputs, inputs, lm_sum: torch.Tensor, tokens: torch.Tensor, split: str) -> None:
+        buffer = self._buffers[split]
+        buffer.add("lm_loss", lm_sum, tokens)
+        buffer.add("tokens", inputs["attention_mask"].sum(), 0)
+        if getattr(outputs, "gate_weights", None) is None:
+            return
+        for name in ("gate_label_loss", "load_balancing_loss", "z_loss", "aux_loss"):
+            buffer.add(name, getattr(outputs, name), 1)
+        weights = outputs.gate_weights.float()  # [batch, turns, E]
+        present = outputs.turn_mask  # [batch, turns]
+        entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1)  # [batch, turns]
+        buffer.add("gate_entropy", entropy[present].sum(), present.sum())
+        gate_labels = inputs.get("gate_labels")
+        if gate_labels is not None:
+            width = min(gate_labels.shape[1], weights.shape[1])
+            labels = gate_labels[:, :width]  # [batch, turns]
+            known = labels != IGNORE_INDEX
+            correct = (weights[:, :width].argmax(-1) == labels) & known
+            buffer.add("gate_accuracy", correct.sum(), known.sum())
+
+    def _flush(self, split: str) -> dict[str, float]:
+        """Averages of the buffer over all processes since the last flush; empties it."""
+        buffer, self._buffers[split] = self._buffers[split], _Buffer.empty()
+        # A fixed list, so that every process reduces the same tensor whatever its batches held.
+        names = ["lm_loss", "tokens"] + (list(GATE_METRICS) if self._is_gated() else [])
+        stats = torch.tensor([[buffer.sums[n], buffer.counts[n]] for n in names], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        metrics = {}
+        for name, (total, count) in zip(names, stats.tolist()):
+            if name == "tokens":
+                continue
+            if count > 0:
+                metrics[name] = total / count
+        if split == "train":
+            now = time.perf_counter()
+            metrics["tokens_per_second"] = stats[names.index("tokens"), 0].item() / max(now - self._last_log_time, 1e-9)
+            self._last_log_time = now
+        return metrics
+
+    def _is_gated(self) -> bool:
+        return isinstance(self.accelerator.unwrap_model(self.model), MoeEmpathyForCausalLM)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._metric_prefix = metric_key_prefix
+        self._buffers["eval"] = _Buffer.empty()
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._metric_prefix = "eval"
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds our separately kept losses and gate metrics to the Trainer's logs (in place,
+        so ``evaluate`` returns them too)."""
+        prefix = self._metric_prefix
+        if f"{prefix}_loss" in logs:
+            logs.update({f"{prefix}_{k}": v for k, v in self._flush("eval").items()})
+        elif "loss" in logs:
+            logs.update(self._flush("train"))
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Gated models are saved compact (experts + gate + the base's reference)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, MoeEmpathyForCausalLM):
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            model.save_pretrained(output_dir, compact=True)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        path = Path(resume_from_checkpoint) / COMPACT_WEIGHTS
+        if not isinstance(unwrapped, MoeEmpathyForCausalLM):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if not path.is_file():
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no {COMPACT_WEIGHTS}; it is not a checkpoint of a gated run")
+        state = load_file(str(path))
+        expected = set(unwrapped.expert_state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"{path} does not match the model being trained (missing {sorted(expected - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - expected)[:3]}); resume with the config the run was started with"
+            )
+        unwrapped.load_state_dict(state, strict=False)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes ``checkpoint-N`` into a staging folder and renames it into place when complete,
+        so a run killed while saving leaves the earlier checkpoints the newest usable ones."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        if self.args.should_save:
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final):
+                stale = tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=run_dir)
+                os.replace(final, os.path.join(stale, name))
+                shutil.rmtree(stale)
+            os.replace(staging, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------- callbacks
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every logged step to ``output_dir/log.jsonl``; on resume, drops the lines
+    after the resumed step (they came from the interrupted run)."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / LOG_FILE
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= state.global_step]
+        _atomic_write(self.path, "".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as out:
+            out.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with loss, gate accuracy, gate entropy and tokens/s (main process).
+
+    Without a terminal (a log file), each logged step is printed as one line instead.
+    """
+
+    def __init__(self, description: str = "train"):
+        self.description = description
+        self.console = Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.console.is_terminal:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, metrics="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        text = _format_metrics(logs)
+        if self.progress is not None and "loss" in logs:
+            self.progress.update(self.task, metrics=text)
+        elif self.progress is not None:
+            self.progress.console.print(f"step {state.global_step}: {text}")
+        else:
+            self.console.print(f"{self.description} step {state.global_step}/{state.max_steps}: {text}", highlight=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+_SHORT = {
+    "loss": "loss", "lm_loss": "lm", "gate_accuracy": "gate acc", "gate_entropy": "gate H",
+    "tokens_per_second": "tok/s", "eval_loss": "eval loss", "eval_lm_loss": "eval lm",
+    "eval_gate_accuracy": "eval gate acc", "learning_rate": "lr",
+}
+
+
+def _format_metrics(logs: dict) -> str:
+    parts = []
+    for key, label in _SHORT.items():
+        if key in logs and isinstance(logs[key], (int, float)):
+            value = logs[key]
+            parts.append(f"{label} {value:.0f}" if key == "tokens_per_second" else f"{label} {value:.4g}")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------- running
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(staging, path)
+
+
+def copy_model_files(checkpoint: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies a checkpoint's model files (not its optimizer state) to ``target``, atomically.
+
+    Args:
+        checkpoint: a ``checkpoint-N`` folder.
+        target: the folder to (re)place.
+    """
+    source, target = Path(checkpoint), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + target.name + "-", dir=target.parent))
+    try:
+        for name in MODEL_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        if target.exists():
+            stale = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=target.parent))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def training_arguments(config: TrainConfig, output_dir: str, max_steps: int) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run.
+
+    Args:
+        config: the run's config.
+        output_dir: where checkpoints go.
+        max_steps: optimizer steps.
+    """
+    t = config.training
+    precision = t.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return TrainingArguments(
+        output_dir=output_dir,
+        seed=t.seed,
+        max_steps=max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps or t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        report_to="none",
+    )
+
+
+def resolve_resume(resume: str | os.PathLike | None) -> str | None:
+    """A checkpoint folder to resume from: ``resume`` itself, or the newest complete
+    ``checkpoint-N`` inside it (staging folders of interrupted saves are ignored).
+
+    Args:
+        resume: a ``checkpoint-N`` folder, a run's output folder, or None.
+    """
+    if resume is None:
+        return None
+    path = Path(resume)
+    if (path / TRAINER_STATE_NAME).is_file():
+        return str(path)
+    last = get_last_checkpoint(str(path)) if path.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"--resume {path}: no complete checkpoint-N folder found there")
+    return last
+
+
+def run_training(
+    config: TrainConfig,
+    model: PreTrainedModel,
+    pad_token_id: int,
+    datasets: dict[str, EncodedDialogues],
+    output_dir: str | os.PathLike,
+    max_steps: int,
+    resume: str | os.PathLike | None = None,
+    description: str = "train",
+    with_gate: bool = True,
+) -> dict:
+    """Trains one model with :class:`MoeEmpathyTrainer` and writes ``last/``, ``best/`` and
+    ``summary.json`` (with test metrics) under ``output_dir``.
+
+    Args:
+        config: the run's config.
+        model: the model to train (gated, or a peft baseline).
+        pad_token_id: the tokenizer's padding id.
+        datasets: ``train``, ``validation`` and ``test`` encoded dialogues.
+        output_dir: the run folder.
+        max_steps: optimizer steps.
+        resume: a checkpoint or run folder to resume from.
+        description: label of the progress bar.
+        with_gate: feed ``turn_ids``/``gate_mask``/``gate_labels`` (gated models only).
+
+    Returns:
+        The summary: steps, final train metrics, validation and test metrics, padding fractions.
+    """
+    output_dir = Path(output_dir)
+    args = training_arguments(config, str(output_dir), max_steps)
+    trainer = MoeEmpathyTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=DialogueCollator(pad_token_id, with_gate=with_gate),
+        train_lengths=datasets["train"].lengths,
+        bucket_size=config.data.bucket_size,
+        sort_by_length=config.data.batching == "bucket",
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(JsonlLogCallback(output_dir))
+    if config.training.progress_bar:
+        trainer.add_callback(RichProgressCallback(description))
+    if config.training.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resolve_resume(resume))
+    elapsed = time.perf_counter() - start
+    trainer.save_model(str(output_dir / "last"))
+    if args.should_save and trainer.state.best_model_checkpoint:
+        copy_model_files(trainer.state.best_model_checkpoint, output_dir / "best")
+    validation = trainer.evaluate()
+    test = trainer.evaluate(datasets["test"], metric_key_prefix="test")
+    train_logs = [log for log in trainer.state.log_history if "loss" in log and "eval_loss" not in log]
+    summary = {
+        "method": config.method,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(elapsed, 1),
+        "train_loss_mean": result.training_loss,
+        "last_train_log": train_logs[-1] if train_logs else None,
+        "validation": validation,
+        "test": test,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_eval_loss": trainer.state.best_metric,
+        "dialogues": {name: len(ds) for name, ds in datasets.items()},
+        "padding_fraction": padding_report(
+            datasets["train"].lengths,
+            config.training.per_device_train_batch_size,
+            args.world_size,
+            config.data.bucket_size,
+            config.training.seed,
+        ),
+    }
+    if args.should_save:
+        _atomic_write(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def train(
+    config: TrainConfig,
+    output_dir: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    resume: str | os.PathLike | None = None,
+) -> dict:
+    """Runs the training a config describes (the gated model or a baseline).
+
+    Args:
+        config: the run's config.
+        output_dir: overrides ``training.output_dir``.
+        max_steps: overrides ``training.max_steps``.
+        resume: a checkpoint folder, or a run folder to resume from its newest checkpoint.
+
+    Returns:
+        The run's summary (also written to ``output_dir/summary.json``).
+    """
+    from .baselines import run_method
+
+    output_dir = Path(output_dir or config.training.output_dir)
+    max_steps = max_steps if max_steps is not None else config.training.max_steps
+    if max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_method(config, output_dir, max_steps, resume)
+
+
+# --------------------------------------------------------------------- command line
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the ``train`` subcommand.
+
+    Args:
+        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+    """
+    parser = subparsers.add_parser("train", help="train the experts and the gate (or a baseline) from a YAML config")
+    _add_arguments(parser)
+    parser.set_defaults(func=run_train_command)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a YAML training config, e.g. train/configs/tiny.yaml")
+    parser.add_argument("--output", default=None, help="run folder (default: training.output_dir of the config)")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: training.max_steps)")
+    parser.add_argument("--resume", default=None, help="a checkpoint-N folder, or a run folder to resume from its newest checkpoint")
+
+
+def run_train_command(args: argparse.Namespace) -> dict:
+    """Runs the ``train`` subcommand.
+
+    Args:
+        args: the parsed arguments of :func:`add_parser`.
+    """
+    config = load_config(args.config)
+    summary = train(config, output_dir=args.output, max_steps=args.max_steps, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        test = summary.get("test", {})
+        shown = {k: round(v, 4) for k, v in test.items() if isinstance(v, float) and ("loss" in k or "accuracy" in k)}
+        print(f"trained {summary['steps']} steps in {summary['train_seconds']} s; test: {shown}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_empathy.train.trainer --config ...`` (the entry point for ``accelerate launch``)."""
+    parser = argparse.ArgumentParser(prog="moe_empathy.train.trainer", description=__doc__.split("\n")[0])
+    _add_arguments(parser)
+    run_train_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
