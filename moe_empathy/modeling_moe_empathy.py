@@ -37,6 +37,7 @@ from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
 COMPACT_WEIGHTS = "experts.safetensors"
 COMPACT_FORMAT = "moe_empathy-compact-v1"
+GATE_STATE_ATTRIBUTE = "moe_gate_state"
 
 
 @dataclass
@@ -50,7 +51,7 @@ class MoeEmpathyCausalLMOutputWithPast(CausalLMOutputWithPast):
         aux_loss: weighted sum of the gate's losses (added to ``loss`` when ``labels`` are given).
         lm_loss: the language-modelling loss alone.
         gate_label_loss, load_balancing_loss, z_loss: the gate's losses, unweighted.
-        gate_state: pass it back with ``past_key_values`` to continue the dialogue.
+        gate_state: the gate's state after this forward (also stored on ``past_key_values``).
     """
 
     gate_weights: torch.FloatTensor | None = None
@@ -305,8 +306,11 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 from the chat template's markers when None.
             gate_mask: ``[batch, seq]`` 1 on the tokens the gate may read (not assistant replies).
             gate_labels: ``[batch, turns]`` expert index expected for each turn (-100 = none).
-            gate_state: the previous output's ``gate_state`` when continuing with its KV cache.
+            gate_state: the gate's state when continuing a KV cache; by default the one this
+                model stored on ``past_key_values`` at its previous forward.
         """
+        if gate_state is None and past_key_values is not None:
+            gate_state = getattr(past_key_values, GATE_STATE_ATTRIBUTE, None)
         call = None
         if not self._experts_disabled:
             call = self._gate_call(input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state)
@@ -346,6 +350,9 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         result.aux_loss, result.gate_label_loss = aux, losses["gate_label"]
         result.load_balancing_loss, result.z_loss = losses["load_balancing"], losses["z_loss"]
         result.gate_state = gate.state
+        if outputs.past_key_values is not None:
+            # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
+            setattr(outputs.past_key_values, GATE_STATE_ATTRIBUTE, gate.state)
         if labels is not None:
             result.loss = outputs.loss + aux
         elif gate_labels is not None:
@@ -407,8 +414,6 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        if outputs.past_key_values is not None and outputs.gate_state is not None:
-            model_kwargs["gate_state"] = outputs.gate_state
         if (turn_ids := model_kwargs.get("turn_ids")) is not None:
             model_kwargs["turn_ids"] = torch.cat([turn_ids, turn_ids[:, -1:].expand(-1, num_new_tokens)], dim=-1)
         if (gate_mask := model_kwargs.get("gate_mask")) is not None:

@@ -281,3 +281,29 @@ def test_from_base_accepts_a_local_folder(tokenizer, tmp_path, dialogue):
         assert torch.equal(model(enc["input_ids"]).logits, tiny_base()(enc["input_ids"]).logits)
     with pytest.raises(FileNotFoundError, match="cannot be found"):
         MoeEmpathyForCausalLM.from_base(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("memory", ["none", "ema"])
+def test_a_dialogue_continued_on_its_cache_equals_a_full_forward(tokenizer, dialogue, memory):
+    """Multi-turn rollouts: each turn prefills only the new user message on the carried cache."""
+    from transformers import DynamicCache
+
+    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1, gate_memory=memory).eval()
+    randomise_experts(model, std=0.5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=2, eos_token_id=None)
+    cache = DynamicCache(config=model.config.text_config)
+    sequence = encode_chat(tokenizer, dialogue[:1], add_generation_prompt=True)["input_ids"]
+    for user in (dialogue[2], dialogue[4]):
+        # An explicit mask: with pad == eos, generate would otherwise mask every <|im_end|> as padding.
+        sequence = model.generate(input_ids=sequence, attention_mask=torch.ones_like(sequence), past_key_values=cache, **kwargs)
+        suffix = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True).split("<|im_start|>user")[1]
+        suffix_ids = tokenizer("<|im_end|>\n<|im_start|>user" + suffix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        sequence = torch.cat([sequence, suffix_ids], dim=1)
+    mask = torch.ones_like(sequence)
+    continued = model.generate(input_ids=sequence, attention_mask=mask, past_key_values=cache, **kwargs)
+    full = model.generate(input_ids=sequence, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(continued, full)
+    assert cache.moe_gate_state.turn_weights.shape == (1, 3, 3)
+    with torch.no_grad():
+        gate = model(sequence).gate_weights
+    torch.testing.assert_close(cache.moe_gate_state.turn_weights, gate, rtol=1e-5, atol=1e-6)
