@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -87,7 +87,6 @@ class RoutingRecord:
     weights: dict[str, float]
     expert: str
     forced: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class MoeEmpathyPreTrainedModel(PreTrainedModel):
