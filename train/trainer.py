@@ -118,8 +118,10 @@ class MoeEmpathyTrainer(Trainer):
         """LM loss on assistant tokens plus the gate's weighted losses (see the module docstring)."""
         labels = inputs.pop("labels")  # [batch, seq]
         outputs = model(**inputs)
-        logits = outputs.logits[:, :-1].float()  # [batch, seq - 1, vocab]
-        targets = labels[:, 1:]  # [batch, seq - 1]
+        logits = outputs.logits.float()  # [batch, seq, vocab]
+        # Position t predicts token t + 1; shifting the labels (not slicing the logits) spares a
+        # full-size copy of the logits' gradient.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [batch, seq]
         lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         tokens = (targets != IGNORE_INDEX).sum()
         aux = getattr(outputs, "aux_loss", None)
