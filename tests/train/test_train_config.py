@@ -1,0 +1,94 @@
+"""Training configs: the shipped ones parse; bad ones fail with messages naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from moe_empathy.train.config import ConfigError, TrainConfig, config_from_dict, load_config
+from train_support import CONFIGS
+
+
+def _values(tmp_path, **changes) -> dict:
+    values = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    (tmp_path / "corpus" / "dataset_dict.json").write_text("{}")
+    values["data"]["path"] = str(tmp_path / "corpus")
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return values
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2", "llama-8b-fsdp"])
+def test_shipped_configs_parse(name):
+    config = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
+    assert isinstance(config, TrainConfig)
+    assert config.data.synthesize is not None or name == "llama-8b-fsdp"
+
+
+def test_values_are_typed(tmp_path):
+    config = config_from_dict(_values(tmp_path, **{"training.learning_rate": "1e-3", "model.lora_alpha": 8}))
+    assert config.training.learning_rate == pytest.approx(1e-3)
+    assert isinstance(config.model.lora_alpha, float)
+    assert config.model.tiny.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"training.max_step": 3}, ["unknown key", "max_step", "in training", "max_steps"]),
+        ({"optimiser": "adam"}, ["unknown key", "optimiser", "top level"]),
+        ({"model.tiny.hidden": 8}, ["unknown key", "hidden", "model.tiny"]),
+        ({"training.max_steps": "ten"}, ["training.max_steps", "expected int", "ten"]),
+        ({"training.progress_bar": "yes"}, ["training.progress_bar", "expected bool"]),
+        ({"model.target_modules": "q_proj"}, ["model.target_modules", "expected a list"]),
+        ({"training.per_device_train_batch_size": True}, ["per_device_train_batch_size", "expected int"]),
+        ({"method": "moe"}, ["method", "gated", "single_lora"]),
+        ({"training.max_steps": 0}, ["training.max_steps", ">= 1"]),
+        ({"training.save_steps": 7}, ["save_steps", "multiple of training.eval_steps"]),
+        ({"method": "gated_from_experts"}, ["init_from_experts", "per_level"]),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, changes, words):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_values(tmp_path, **changes))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_data_path(tmp_path):
+    values = _values(tmp_path)
+    del values["data"]["path"]
+    with pytest.raises(ConfigError, match=r"data.path is missing.*moe-empathy synth"):
+        config_from_dict(values)
+
+
+def test_absent_data_path_needs_synthesize(tmp_path):
+    values = _values(tmp_path, **{"data.path": str(tmp_path / "nowhere")})
+    del values["data"]["synthesize"]
+    with pytest.raises(ConfigError, match=r"nowhere does not exist.*moe-empathy synth --out"):
+        config_from_dict(values)
+    values["data"]["synthesize"] = {"dialogues": 10}
+    assert config_from_dict(values).data.synthesize.dialogues == 10
+
+
+def test_data_path_must_be_a_corpus(tmp_path):
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match="not a dataset written by `moe-empathy synth`"):
+        config_from_dict(_values(tmp_path, **{"data.path": str(tmp_path / "other")}))
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_values(tmp_path, **{"training.seed": "zero"})))
+    with pytest.raises(ConfigError, match=r"bad.yaml: training.seed: expected int"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    path.write_text("method: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
