@@ -1,0 +1,320 @@
+"""Batched multi-turn rollouts: a system answers every user turn of scripted dialogues, its
+own replies staying in the context.
+
+Two modes give the same greedy replies:
+
+* ``cached`` (default): one KV cache per batch is carried from turn to turn, so each turn
+  prefills only the new user message (for the gated model, each earlier turn's keys and
+  values were computed with that turn's gate, as in training; the gate's state travels on
+  the cache). Rows whose reply ended early keep their padding in the cache, masked out.
+* ``reencode``: every turn re-encodes the whole dialogue so far from scratch (the
+  throughput reference).
+
+Both modes feed the very same token ids: the replies' generated ids, not a re-tokenisation
+of their text, joined by the chat template's own separators.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from .systems import EvalSystem
+
+MODES = ("cached", "reencode")
+_PROBE_USER = "MOEPROBEUSER"
+_PROBE_REPLY = "MOEPROBEREPLY"
+
+
+@dataclass
+class DialogueRollout:
+    """One dialogue as a system played it.
+
+    Args:
+        system: the system's name.
+        dialogue_id, task, task_level: from the script.
+        users: the scripted user messages.
+        replies: the system's replies (decoded, special tokens dropped).
+        levels: the expected empathy level of each reply (the script's labels).
+        gate: ``[turns][experts]`` the mixture used for each turn (chosen by the gate, or
+            forced), or None for systems without experts.
+        new_tokens: generated tokens of each reply (its end-of-turn token included).
+    """
+
+    system: str
+    dialogue_id: str
+    task: str
+    task_level: str
+    users: list[str]
+    replies: list[str] = field(default_factory=list)
+    levels: list[str] = field(default_factory=list)
+    gate: list[list[float]] | None = None
+    new_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RolloutStats:
+    """Throughput of one rollout run.
+
+    Args:
+        mode: ``cached`` or ``reencode``.
+        turns: replies generated.
+        seconds: wall-clock time spent generating.
+        prefill_tokens: prompt tokens run through the model (padding included).
+    """
+
+    mode: str
+    turns: int = 0
+    seconds: float = 0.0
+    prefill_tokens: int = 0
+
+    @property
+    def turns_per_second(self) -> float:
+        return self.turns / self.seconds if self.seconds else float("nan")
+
+
+class TurnTokens:
+    """The token ids the chat template puts around each turn, found by rendering probes.
+
+    Args:
+        tokenizer: a tokenizer with a chat template (whose renderings of a dialogue are
+            prefixes of its continuations).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        history = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
+        closed = self._render(history, False)
+        opened = self._render(history + [{"role": "user", "content": _PROBE_USER}], True)
+        if not opened.startswith(closed) or _PROBE_REPLY not in closed:
+            raise ValueError("the chat template does not render a dialogue as a prefix of its continuation; rollouts cannot continue it")
+        # What the template writes after a reply's text (e.g. "<|im_end|>\n").
+        self.closing = closed.split(_PROBE_REPLY, 1)[1]
+        # The user message with its markers and the assistant header; {} marks the content.
+        self.user_turn = opened[len(closed) :].replace(_PROBE_USER, "{}", 1)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def first(self, system: str | None, user: str) -> list[int]:
+        """The prompt of the first turn: system message (if any), user message, assistant header."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self._encode(self._render(messages, True))
+
+    def next(self, user: str, stop_text: str = "") -> list[int]:
+        """What follows a generated reply: the rest of its closing, the next user message and
+        the assistant header.
+
+        Args:
+            user: the next user message.
+            stop_text: the token that ended the reply (e.g. ``<|im_end|>``), "" when the reply
+                was cut at the length cap.
+        """
+        closing = self.closing
+        if stop_text and closing.startswith(stop_text):
+            closing = closing[len(stop_text) :]
+        return self._encode(closing + self.user_turn.replace("{}", user, 1))
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, width]`` ids and mask of left-padded rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def _split_reply(new: list[int], eos_ids: set[int]) -> tuple[int, int | None]:
+    """Length of a generated reply up to and including its first stop token, and that token
+    (None when the reply was cut at the length cap)."""
+    for i, token in enumerate(new):
+        if token in eos_ids:
+            return i + 1, token
+    return len(new), None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def rollout_batch(
+    system: EvalSystem,
+    records: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int = 48,
+    mode: str = "cached",
+    stats: RolloutStats | None = None,
+    on_turn=None,
+) -> list[DialogueRollout]:
+    """Plays one batch of dialogues with the same number of turns and the same group key.
+
+    Args:
+        system: the system that answers.
+        records: checked dialogue records, all with the same number of turns.
+        tokenizer: the model's tokenizer (with its chat template).
+        max_new_tokens: cap on each reply's length.
+        mode: ``cached`` (carry the KV cache) or ``reencode`` (re-encode every turn).
+        stats: throughput counters to update, or None.
+        on_turn: called with the batch size after every turn (progress), or None.
+
+    Returns:
+        One :class:`DialogueRollout` per record, in order.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown rollout mode {mode!r}; choose from {MODES}")
+    counts = {len(r["turns"]) // 2 for r in records}
+    keys = {system.group_key(r) for r in records}
+    if len(counts) != 1 or len(keys) != 1:
+        raise ValueError(f"a rollout batch needs dialogues of one length and one group; got lengths {sorted(counts)}, groups {sorted(keys)}")
+    num_turns, key = counts.pop(), keys.pop()
+    model = system.model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    template = TurnTokens(tokenizer)
+    results = [
+        DialogueRollout(
+            system.name,
+            str(r.get("dialogue_id", i)),
+            r["task"],
+            r["task_level"],
+            users=[t["content"] for t in r["turns"][0::2]],
+            levels=[t["level"] for t in r["turns"][1::2]],
+            gate=[] if system.gated or system.forced_expert else None,
+        )
+        for i, r in enumerate(records)
+    ]
+    names = getattr(model, "expert_names", None)
+    forced = [float(n == system.forced_expert(key)) for n in names] if system.forced_expert else None
+    real: list[list[int]] = [[] for _ in records]  # every row's tokens so far, without padding
+    stops = [""] * len(records)  # the token text that ended each row's last reply
+    cache = DynamicCache(config=model.config.get_text_config()) if mode == "cached" else None
+    ids = mask = None  # cached mode: [batch, seq] tokens and mask so far (padding holes masked)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    start = time.perf_counter()
+    with system.routing(key), torch.no_grad():
+        for turn in range(num_turns):
+            chunks = [
+                template.first(system.system_message(r), res.users[0]) if turn == 0 else template.next(res.users[turn], stops[b])
+                for b, (r, res) in enumerate(zip(records, results))
+            ]
+            if mode == "cached":
+                chunk_ids, chunk_mask = _left_pad(chunks, pad_id)
+                ids = chunk_ids if ids is None else torch.cat([ids, chunk_ids], 1)
+                mask = chunk_mask if mask is None else torch.cat([mask, chunk_mask], 1)
+                prompt_width = ids.shape[1]
+                prefill = prompt_width - cache.get_seq_length()
+                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, return_dict_in_generate=True, **kwargs)
+                state_cache = cache
+            else:
+                full, full_mask = _left_pad([r + c for r, c in zip(real, chunks)], pad_id)
+                prompt_width = prefill = full.shape[1]
+                out = model.generate(input_ids=full, attention_mask=full_mask, return_dict_in_generate=True, **kwargs)
+                state_cache = out.past_key_values
+            new = out.sequences[:, prompt_width:]  # [batch, generated]
+            new_mask = torch.zeros_like(new)
+            for b, res in enumerate(results):
+                row = new[b].tolist()
+                length, stop = _split_reply(row, eos_ids)
+                stops[b] = tokenizer.convert_ids_to_tokens(stop) if stop is not None else ""
+                new_mask[b, :length] = 1
+                real[b] += chunks[b] + row[:length]
+                res.new_tokens.append(length)
+                res.replies.append(tokenizer.decode(row[:length], skip_special_tokens=True).strip())
+                if res.gate is not None:
+                    res.gate.append(forced if forced is not None else state_cache.moe_gate_state.turn_weights[b, turn].tolist())
+            if mode == "cached":
+                ids, mask = out.sequences, torch.cat([mask, new_mask], 1)
+            if stats is not None:
+                stats.turns += len(records)
+                stats.prefill_tokens += prefill * len(records)
+            if on_turn is not None:
+                on_turn(len(records))
+    if stats is not None:
+        stats.seconds += time.perf_counter() - start
+    return results
+
+
+def make_batches(system: EvalSystem, records: list[dict], batch_size: int) -> list[list[int]]:
+    """Indices of the records in each batch: equal group key and length, in stable order.
+
+    Args:
+        system: the system (its ``group_key``).
+        records: checked dialogue records.
+        batch_size: the most dialogues per batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    key = lambda i: (system.group_key(records[i]), len(records[i]["turns"]))  # noqa: E731
+    batches = []
+    for _, group in groupby(sorted(range(len(records)), key=key), key=key):
+        group = list(group)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar counting turns, with turns/s and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("turns"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+def rollout(
+    systems: list[EvalSystem],
+    records: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    mode: str = "cached",
+    progress: Progress | None = None,
+) -> tuple[dict[str, list[DialogueRollout]], dict[str, RolloutStats]]:
+    """Plays every dialogue with every system.
+
+    Args:
+        systems: the systems.
+        records: checked dialogue records (see :mod:`.dialogues`).
+        tokenizer: the tokenizer shared by the systems.
+        batch_size: dialogues generated together.
+        max_new_tokens: cap on each reply's length.
+        mode: ``cached`` or ``reencode``.
+        progress: a rich progress display to add a task to, or None for no display.
+
+    Returns:
+        ``({system: rollouts in record order}, {system: throughput})``.
+    """
+    total = sum(len(r["turns"]) // 2 for r in records) * len(systems)
+    task = progress.add_task(f"rollouts ({mode})", total=total, rate="") if progress is not None else None
+    done = {"turns": 0, "start": time.perf_counter()}
+
+    def advance(n: int) -> None:
+        done["turns"] += n
+        if progress is not None:
+            rate = done["turns"] / max(time.perf_counter() - done["start"], 1e-9)
+            progress.update(task, advance=n, rate=f"{rate:.2f} turns/s")
+
+    results, stats = {}, {}
+    for system in systems:
+        stats[system.name] = RolloutStats(mode)
+        played: dict[int, DialogueRollout] = {}
+        for batch in make_batches(system, records, batch_size):
+            out = rollout_batch(system, [records[i] for i in batch], tokenizer, max_new_tokens, mode, stats[system.name], advance)
+            played.update(zip(batch, out))
+        results[system.name] = [played[i] for i in range(len(records))]
+    return results, stats
