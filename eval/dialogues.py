@@ -16,12 +16,14 @@ EVAL_SEED = 20251104  # synthesised evaluation dialogues; training corpora use o
 SHIFTS = ("up", "down", "none")
 
 
-def validate_record(record, where: str) -> dict:
+def validate_record(record, where: str, labelled: bool = True) -> dict:
     """Checks one dialogue record and raises a ValueError naming the field at fault.
 
     Args:
         record: a dialogue record (``task``, ``task_level``, ``turns`` as in the corpus schema).
         where: how to name the record in messages (file and index).
+        labelled: require the labels (``task``, ``task_level``, each reply's ``level``) and a
+            reply for every user message; False checks only the messages.
 
     Returns:
         The record.
@@ -29,10 +31,10 @@ def validate_record(record, where: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a dialogue record (a JSON object), got {type(record).__name__}")
     name = f"{where} ({record['dialogue_id']})" if isinstance(record.get("dialogue_id"), str) else where
-    for key in ("task", "task_level"):
+    for key in ("task", "task_level") if labelled else ():
         if not isinstance(record.get(key), str):
             raise ValueError(f"{name}: field {key!r} is missing or not a string")
-    if record["task_level"] not in LEVELS:
+    if labelled and record["task_level"] not in LEVELS:
         raise ValueError(f"{name}: task_level is {record['task_level']!r}; expected one of {list(LEVELS)}")
     turns = record.get("turns")
     if not isinstance(turns, list) or not turns:
@@ -46,21 +48,22 @@ def validate_record(record, where: str) -> dict:
         if not isinstance(turn.get("content"), str) or not turn["content"].strip():
             raise ValueError(f"{name}: turns[{i}].content is missing or empty")
         if expected == "assistant":
-            if turn.get("level") not in LEVELS:
+            if (labelled or turn.get("level") is not None) and turn.get("level") not in LEVELS:
                 raise ValueError(f"{name}: turns[{i}].level is {turn.get('level')!r}; expected one of {list(LEVELS)}")
             if turn.get("shift") is not None and turn["shift"] not in SHIFTS:
                 raise ValueError(f"{name}: turns[{i}].shift is {turn['shift']!r}; expected one of {list(SHIFTS)}")
-    if len(turns) % 2:
+    if labelled and len(turns) % 2:
         raise ValueError(f"{name}: 'turns' ends with a user message without its labelled reply (turns[{len(turns) - 1}])")
     return record
 
 
-def read_dialogue_file(path: str | Path) -> list[dict]:
+def read_dialogue_file(path: str | Path, labelled: bool = True) -> list[dict]:
     """Reads dialogue records from a ``.jsonl`` file (one per line) or a ``.json`` file (one
     record or a list), checking each.
 
     Args:
         path: the file.
+        labelled: require the labels (see :func:`validate_record`).
     """
     path = Path(path)
     if not path.is_file():
@@ -76,7 +79,7 @@ def read_dialogue_file(path: str | Path) -> list[dict]:
         raise ValueError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {err}") from err
     if not records:
         raise ValueError(f"{path} holds no dialogue record")
-    return [validate_record(r, f"{path.name} record {i}") for i, r in enumerate(records)]
+    return [validate_record(r, f"{path.name} record {i}", labelled) for i, r in enumerate(records)]
 
 
 def load_split(data: str | Path, split: str) -> list[dict]:

@@ -1,0 +1,257 @@
+"""Command line: ``moe-empathy eval run`` (rollouts, metrics, report) and ``moe-empathy inspect``
+(one dialogue's per-turn gate weights)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
+from .metrics import TOLERANCE, build_table, check_targets, compute_metrics, score_rollouts
+from .report import check_output_dir, plot_gate_heatmaps, write_outputs
+from .rollout import MODES, DialogueRollout, progress_bar, rollout
+from .scorers import SCORERS, get_scorer
+from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def check_scorer_names(names: list[str]) -> list[str]:
+    """Validates scorer names.
+
+    Args:
+        names: the requested scorers.
+    """
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown or not names:
+        raise ValueError(f"unknown scorer(s) {unknown or names}; choose from: {', '.join(SCORERS)}")
+    return names
+
+
+def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
+    """Registers ``run`` under the ``eval`` command group.
+
+    Args:
+        eval_subparsers: the ``eval`` group's sub-parsers.
+    """
+    parser = eval_subparsers.add_parser("run", help="roll out systems on held-out dialogues; write report.md, metrics.json and plots")
+    parser.add_argument("--model", required=True, help="gated model folder (written by save_pretrained or `moe-empathy train`)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--split", default="test", help="split of the dialogues (default test)")
+    parser.add_argument("--dialogues", type=int, default=40, help="dialogues to play")
+    parser.add_argument("--turns", type=int, default=30, help="turns to play per dialogue (at most)")
+    parser.add_argument("--data", default=None, help="corpus folder or .json/.jsonl dialogue file (default: synthesise held-out dialogues of --turns turns)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--scorers", default="lexical", help=f"comma-separated, from: {', '.join(SCORERS)}; the first drives the tables")
+    parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
+    parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap")
+    parser.add_argument("--batch-size", type=int, default=8, help="dialogues generated together")
+    parser.add_argument("--mode", choices=MODES, default="cached", help="carry the KV cache across turns, or re-encode every turn")
+    parser.add_argument("--compare-reencode", action="store_true", help="also time the gated system (else the first) re-encoding every turn, and check it gives the same replies")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="half-width of the band around the target score")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of synthesised dialogues")
+    parser.set_defaults(func=run_eval)
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """Runs ``moe-empathy eval run``: checks every input first, then rolls out, scores, and writes.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    from moe_empathy.loading import load_model_and_tokenizer
+
+    console = Console(highlight=False)
+    names = check_system_names(_names(args.systems))
+    scorer_names = check_scorer_names(_names(args.scorers))
+    check_output_dir(args.out, args.overwrite)
+    model_dir = check_model_dir(args.model)
+    if args.data is not None:
+        records = load_split(args.data, args.split)
+        source = str(args.data)
+    else:
+        records = synthesise_split(args.split, args.dialogues, args.turns, args.seed)
+        source = f"synthesised (template backend, seed {args.seed})"
+    records = select_dialogues(records, args.dialogues, args.turns)
+    scorers = {name: get_scorer(name) for name in scorer_names}
+    model, tokenizer, description = load_model_and_tokenizer(model_dir)
+    systems = build_systems(names, model, tokenizer, model_dir, args.single_lora, args.experts_dir)
+    console.print(f"[bold]eval run[/bold]: {len(records)} dialogues x <= {args.turns} turns, systems {', '.join(names)}, model {description}")
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        rollouts, stats = rollout(systems, records, tokenizer, args.batch_size, args.max_new_tokens, args.mode, progress)
+        elapsed = time.perf_counter() - start
+        throughput = {name: {"mode": s.mode, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens} for name, s in stats.items()}
+        notes = []
+        if args.compare_reencode:
+            other = "reencode" if args.mode == "cached" else "cached"
+            probe = next((s for s in systems if s.gated), systems[0])
+            again, again_stats = rollout([probe], records, tokenizer, args.batch_size, args.max_new_tokens, other, progress)
+            s = again_stats[probe.name]
+            throughput[f"{probe.name} ({other})"] = {"mode": other, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens}
+            same = sum(a.replies == b.replies for a, b in zip(rollouts[probe.name], again[probe.name]))
+            notes.append(f"{probe.name}: {same} of {len(records)} dialogues got identical replies in {args.mode} and {other} modes.")
+    scored = {}
+    for scorer_name, scorer in scorers.items():
+        console.print(f"scoring {sum(len(r.replies) for v in rollouts.values() for r in v)} replies with {scorer_name}")
+        scored[scorer_name] = {name: score_rollouts(played, scorer) for name, played in rollouts.items()}
+    tables = {name: build_table(rollouts, scored[name], model.expert_names) for name in scorer_names}
+    results = {name: compute_metrics(tables[name], args.bootstrap, 0, args.tolerance) for name in scorer_names}
+    turns_played = max(len(r["turns"]) // 2 for r in records)
+    timing = {"seconds": elapsed, "dialogues": len(records), "turns": turns_played, "systems": len(systems), "max_new_tokens": args.max_new_tokens}
+    notes += [f"{s.name}: {s.description}." for s in systems if s.name == "external" and s.sources.get("experts") == "gated model's experts"]
+    notes.append(f"Rollouts took {elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else f"Rollouts took {elapsed / 60:.1f} min")
+    metrics = {
+        "settings": {
+            "model": description,
+            "systems": {s.name: s.description for s in systems},
+            "split": args.split,
+            "data": source,
+            "dialogues": len(records),
+            "turns": turns_played,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "mode": args.mode,
+            "scorers": scorer_names,
+            "bootstrap_samples": args.bootstrap,
+            "tolerance": args.tolerance,
+            "expert_names": model.expert_names,
+        },
+        "targets": check_targets(results[scorer_names[0]], timing),
+        "scorers": results,
+        "throughput": throughput,
+        "timing": timing,
+        "notes": notes,
+    }
+    out = write_outputs(args.out, metrics, rollouts, tables[scorer_names[0]], args.overwrite)
+    _print_summary(console, metrics)
+    console.print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, rollouts.jsonl and plots")
+    return metrics
+
+
+def _print_summary(console: Console, metrics: dict) -> None:
+    systems = metrics["scorers"][metrics["settings"]["scorers"][0]]
+    table = Table(title="empathy gap (lower is better)")
+    for column in ("system", "gap", "reduction vs base", "gate accuracy"):
+        table.add_column(column, justify="right" if column != "system" else "left")
+    for name, entry in systems.items():
+        gap = entry["overall"]["gap"]["value"]
+        reduction = (entry["overall"].get("gap_reduction_vs_base") or {}).get("value")
+        accuracy = entry.get("gate", {}).get("accuracy", {}).get("value")
+        table.add_row(
+            name,
+            "n/a" if gap is None else f"{gap:.3f}",
+            "n/a" if reduction is None else f"{100 * reduction:.1f}%",
+            "" if accuracy is None else f"{100 * accuracy:.1f}%",
+        )
+    console.print(table)
+    for target in metrics["targets"]:
+        mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]n/a[/yellow]"}[target["met"]]
+        console.print(f"  {mark}  {target['target']}: {target['measured']}")
+
+
+# --------------------------------------------------------------------- inspect
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the top-level ``inspect`` command.
+
+    Args:
+        subparsers: the ``moe-empathy`` command's sub-parsers.
+    """
+    parser = subparsers.add_parser("inspect", help="show one dialogue's per-turn gate weights (terminal table and PNG)")
+    parser.add_argument("--model", required=True, help="gated model folder")
+    parser.add_argument("--dialogue", required=True, help=".json or .jsonl file of dialogue records (schema of `moe-empathy synth`)")
+    parser.add_argument("--index", type=int, default=0, help="which record of the file")
+    parser.add_argument("--png", default=None, help="where to write the heatmap (default: <dialogue file stem>.gate.png)")
+    parser.set_defaults(func=run_inspect)
+    return parser
+
+
+def inspect_dialogue(model, tokenizer, record: dict) -> list[list[float]]:
+    """The gate's weights for every turn of a scripted dialogue, in one forward pass.
+
+    Args:
+        model: a gated model.
+        tokenizer: its tokenizer.
+        record: a dialogue record (its ``turns`` are read; replies are teacher-forced).
+
+    Returns:
+        ``[turns][experts]`` weights.
+    """
+    from moe_empathy.turns import encode_chat
+
+    messages = [{"role": t["role"], "content": t["content"]} for t in record["turns"]]
+    enc = encode_chat(tokenizer, messages, add_generation_prompt=messages[-1]["role"] == "user")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], turn_ids=enc["turn_ids"], gate_mask=enc["gate_mask"])
+    users = sum(t["role"] == "user" for t in messages)
+    return out.gate_weights[0, :users].tolist()  # [turns, E]
+
+
+def run_inspect(args: argparse.Namespace) -> list[list[float]]:
+    """Runs ``moe-empathy inspect``.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        ``[turns][experts]`` gate weights.
+    """
+    from moe_empathy.loading import load_model_and_tokenizer
+
+    console = Console(highlight=False)
+    model_dir = check_model_dir(args.model)
+    records = read_dialogue_file(args.dialogue, labelled=False)
+    if not 0 <= args.index < len(records):
+        raise ValueError(f"--index {args.index} is out of range: {args.dialogue} holds {len(records)} record(s)")
+    record = records[args.index]
+    model, tokenizer, description = load_model_and_tokenizer(model_dir)
+    weights = inspect_dialogue(model, tokenizer, record)
+    names = model.expert_names
+    name = str(record.get("dialogue_id", Path(args.dialogue).stem))
+    table = Table(title=f"gate of {description} on {name}" + (f" ({record['task']})" if record.get("task") else ""))
+    table.add_column("turn", justify="right")
+    table.add_column("user message")
+    table.add_column("expected")
+    for expert in names:
+        table.add_column(expert, justify="right")
+    table.add_column("chosen")
+    replies = record["turns"][1::2]
+    for k, (row, user) in enumerate(zip(weights, record["turns"][0::2])):
+        expected = replies[k].get("level") if k < len(replies) else None
+        chosen = names[max(range(len(names)), key=row.__getitem__)]
+        text = user["content"] if len(user["content"]) <= 60 else user["content"][:57] + "..."
+        style = "" if expected is None else ("green" if chosen == expected else "red")
+        cells = [f"{w:.2f} {'█' * round(w * 8)}" for w in row]
+        table.add_row(str(k + 1), text, expected or "", *cells, f"[{style}]{chosen}[/{style}]" if style else chosen)
+    console.print(table)
+    png = Path(args.png) if args.png else Path(f"{Path(args.dialogue).stem}.gate.png")
+    levels = [t.get("level") for t in replies]
+    shown = DialogueRollout("inspect", name, record.get("task", ""), record.get("task_level", ""), users=[], levels=levels, gate=weights)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{png.stem}.", suffix=".png", dir=png.parent)
+    os.close(handle)
+    try:
+        plot_gate_heatmaps([shown], names, Path(staging), count=1)
+        os.replace(staging, png)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    console.print(f"wrote {png}")
+    return weights

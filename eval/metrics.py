@@ -1,0 +1,469 @@
+"""Empathy-gap, consistency and gate metrics of rollouts, with dialogue-level bootstrap CIs.
+
+Every reply has a measured score (1-5, from a scorer) and an expected level (the script's
+label), mapped to a target score: the middle of the level's band on the 1-5 scale (the
+scale maps total EPITOME strength 0-6 linearly to 1-5; a level is a band of that total:
+low 0-1, medium 2-3, high 4-6). The definitions are spelled out in ``eval/README.md``.
+
+Confidence intervals resample whole dialogues (a cluster bootstrap): turns of one dialogue
+are not independent. Comparisons with the base model are paired: the same resampled
+dialogues for both systems (every system plays the same scripts).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from moe_empathy.train.taxonomy import LEVELS
+
+from .rollout import DialogueRollout
+from .scorers import Scorer
+
+LEVEL_TOTALS = {"low": (0, 1), "medium": (2, 3), "high": (4, 6)}  # band of total mechanism strength per level
+LEVEL_BAND = {level: (1 + 4 * lo / 6, 1 + 4 * hi / 6) for level, (lo, hi) in LEVEL_TOTALS.items()}  # on the 1-5 scale
+LEVEL_TARGET = {level: (lo + hi) / 2 for level, (lo, hi) in LEVEL_BAND.items()}  # low 1.33, medium 2.67, high 4.33
+TOLERANCE = 1.0  # a reply is "in band" when |score - target| <= TOLERANCE
+BUCKETS = {"1-5": (1, 5), "6-15": (6, 15), "16-30": (16, 30), "30+": (30, None)}  # inclusive turn ranges (1-based)
+EMPTY_REPLY_SCORE = 1.0  # an empty reply shows no empathy
+
+
+def score_rollouts(rollouts: list[DialogueRollout], scorer: Scorer) -> list[list[float]]:
+    """Scores every reply of some rollouts in its context (the dialogue before it).
+
+    Args:
+        rollouts: one system's rollouts.
+        scorer: an empathy scorer.
+
+    Returns:
+        ``[dialogues][turns]`` scores on the 1-5 scale; empty replies get
+        :data:`EMPTY_REPLY_SCORE` without being sent to the scorer.
+    """
+    responses, contexts, where = [], [], []
+    for d, r in enumerate(rollouts):
+        history: list[dict] = []
+        for t, (user, reply) in enumerate(zip(r.users, r.replies)):
+            history.append({"role": "user", "content": user})
+            if reply.strip():
+                responses.append(reply)
+                contexts.append(list(history))
+                where.append((d, t))
+            history.append({"role": "assistant", "content": reply})
+    scores = [[EMPTY_REPLY_SCORE] * len(r.replies) for r in rollouts]
+    for (d, t), s in zip(where, scorer.score(responses, contexts) if responses else []):
+        scores[d][t] = float(s.score)
+    return scores
+
+
+@dataclass
+class EvalTable:
+    """Per-turn arrays of all systems on the same dialogues (NaN / -1 where a dialogue has
+    fewer turns).
+
+    Args:
+        tasks: ``[D]`` task of each dialogue.
+        task_levels: ``[D]`` the task's own level.
+        targets: ``[D, T]`` target score of each reply.
+        labels: ``[D, T]`` expected level index (into ``expert_names``), -1 for no turn.
+        scores: ``{system: [D, T]}`` measured scores.
+        gates: ``{system: [D, T, E]}`` per-turn expert mixtures of systems that have them.
+        expert_names: the levels, in expert order.
+    """
+
+    tasks: np.ndarray
+    task_levels: np.ndarray
+    targets: np.ndarray
+    labels: np.ndarray
+    scores: dict[str, np.ndarray]
+    gates: dict[str, np.ndarray]
+    expert_names: list[str]
+
+    @property
+    def num_dialogues(self) -> int:
+        return len(self.tasks)
+
+
+def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, list[list[float]]], expert_names: list[str] = list(LEVELS)) -> EvalTable:
+    """Aligns rollouts and their scores into arrays.
+
+    Args:
+        rollouts: ``{system: rollouts}``, every system on the same dialogues in the same order.
+        scores: ``{system: [dialogues][turns]}`` from :func:`score_rollouts`.
+        expert_names: the levels, in expert order (gate columns).
+    """
+    reference = next(iter(rollouts.values()))
+    for name, played in rollouts.items():
+        if [r.dialogue_id for r in played] != [r.dialogue_id for r in reference]:
+            raise ValueError(f"system {name} played other dialogues than {next(iter(rollouts))}; metrics need the same scripts")
+    num, width = len(reference), max(len(r.levels) for r in reference)
+    targets = np.full((num, width), np.nan)
+    labels = np.full((num, width), -1)
+    for d, r in enumerate(reference):
+        targets[d, : len(r.levels)] = [LEVEL_TARGET[level] for level in r.levels]
+        labels[d, : len(r.levels)] = [expert_names.index(level) for level in r.levels]
+    table_scores, gates = {}, {}
+    for name, played in rollouts.items():
+        matrix = np.full((num, width), np.nan)
+        for d, row in enumerate(scores[name]):
+            matrix[d, : len(row)] = row
+        table_scores[name] = matrix
+        if played[0].gate is not None:
+            gate = np.full((num, width, len(expert_names)), np.nan)
+            for d, r in enumerate(played):
+                gate[d, : len(r.gate)] = r.gate
+            gates[name] = gate
+    return EvalTable(
+        tasks=np.array([r.task for r in reference]),
+        task_levels=np.array([r.task_level for r in reference]),
+        targets=targets,
+        labels=labels,
+        scores=table_scores,
+        gates=gates,
+        expert_names=list(expert_names),
+    )
+
+
+# --------------------------------------------------------------------- bootstrap
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], np.ndarray], population: np.ndarray, samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """A statistic over dialogues and its percentile bootstrap interval.
+
+    Args:
+        statistic: maps dialogue indices ``[B, n]`` to ``[B]`` values (vectorised over resamples).
+        population: the dialogue indices the statistic is about.
+        samples: bootstrap resamples.
+        seed: the resampling seed (fixed so that reports are reproducible).
+        level: the interval's coverage.
+
+    Returns:
+        ``{"value", "ci_low", "ci_high", "n"}``; values are None where undefined (no data).
+    """
+    population = np.asarray(population)
+    if population.size == 0:
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = float(statistic(population[None, :])[0])
+        rng = np.random.default_rng(seed)
+        draws = statistic(population[rng.integers(0, population.size, (samples, population.size))])
+    draws = draws[np.isfinite(draws)]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if draws.size else (np.nan, np.nan)
+    clean = lambda x: float(x) if np.isfinite(x) else None  # noqa: E731
+    return {"value": clean(value), "ci_low": clean(low), "ci_high": clean(high), "n": int(population.size)}
+
+
+def _mean(values: np.ndarray, idx: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """Turn-pooled mean of ``values [D, T]`` over resampled dialogues ``idx [B, n]`` -> ``[B]``."""
+    picked = values[idx]  # [B, n, T]
+    if columns is not None:
+        picked = picked[..., columns]
+    valid = np.isfinite(picked)
+    return np.where(valid, picked, 0).sum((1, 2)) / valid.sum((1, 2))
+
+
+# --------------------------------------------------------------------- per-dialogue statistics
+
+
+def per_dialogue_slope(values: np.ndarray) -> np.ndarray:
+    """Least-squares slope of ``values [D, T]`` over the turn index, per dialogue -> ``[D]``
+    (NaN with fewer than two turns)."""
+    turns = np.arange(values.shape[1], dtype=float)
+    valid = np.isfinite(values)
+    count = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x_mean = np.where(valid, turns, 0).sum(1) / count
+        y_mean = np.where(valid, values, 0).sum(1) / count
+        dx = np.where(valid, turns - x_mean[:, None], 0)
+        dy = np.where(valid, values - y_mean[:, None], 0)
+        slope = (dx * dy).sum(1) / (dx * dx).sum(1)
+    return np.where(count >= 2, slope, np.nan)
+
+
+def per_dialogue_std(values: np.ndarray) -> np.ndarray:
+    """Population standard deviation of each dialogue's values ``[D, T]`` -> ``[D]``."""
+    with np.errstate(invalid="ignore"):
+        return np.nanstd(values, axis=1)
+
+
+def drift_onset(scores: np.ndarray, targets: np.ndarray, tolerance: float = TOLERANCE) -> np.ndarray:
+    """The first turn (1-based) whose score is more than ``tolerance`` from its target, per
+    dialogue -> ``[D]``; a dialogue that never leaves the band gets its length + 1."""
+    outside = np.abs(scores - targets) > tolerance  # NaN compares False
+    lengths = np.isfinite(targets).sum(1)
+    first = np.argmax(outside, axis=1) + 1
+    return np.where(outside.any(1), first, lengths + 1).astype(float)
+
+
+# --------------------------------------------------------------------- gate statistics
+
+
+def gate_choices(gate: np.ndarray) -> np.ndarray:
+    """Expert of largest weight per turn ``[D, T]`` (-1 where there is no turn)."""
+    valid = np.isfinite(gate).all(-1)
+    return np.where(valid, np.nan_to_num(gate, nan=-1).argmax(-1), -1)
+
+
+def gate_entropy(gate: np.ndarray) -> np.ndarray:
+    """Entropy of each turn's mixture, normalised by ``log E`` (0 = one expert, 1 = uniform) -> ``[D, T]``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(gate > 0, -gate * np.log(gate), 0.0)
+    entropy = terms.sum(-1) / np.log(gate.shape[-1])
+    return np.where(np.isfinite(gate).all(-1), entropy, np.nan)
+
+
+def shift_events(choices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How the gate follows each change of expected level.
+
+    A shift happens at turn ``t`` when ``labels[t] != labels[t-1]``. It is followed after
+    ``j`` turns when ``choices[t + j]`` is the first choice equal to the new level while the
+    label stays at it; a shift not reached before the next one (or the end) is not followed.
+
+    Args:
+        choices: ``[D, T]`` chosen expert per turn.
+        labels: ``[D, T]`` expected level per turn (-1 = no turn).
+
+    Returns:
+        ``[D]`` shifts, ``[D]`` followed shifts, ``[D]`` summed latency (turns) of followed ones.
+    """
+    num, width = labels.shape
+    shifts, followed, latency = np.zeros(num), np.zeros(num), np.zeros(num)
+    for d in range(num):
+        row = labels[d]
+        for t in range(1, width):
+            if row[t] < 0 or row[t] == row[t - 1]:
+                continue
+            shifts[d] += 1
+            end = t
+            while end + 1 < width and row[end + 1] == row[t]:
+                end += 1
+            hits = np.flatnonzero(choices[d, t : end + 1] == row[t])
+            if hits.size:
+                followed[d] += 1
+                latency[d] += hits[0]
+    return shifts, followed, latency
+
+
+# --------------------------------------------------------------------- metric sets
+
+
+def _bucket_columns(width: int) -> dict[str, np.ndarray]:
+    turns = np.arange(1, width + 1)
+    return {name: (turns >= lo) & (turns <= (hi if hi is not None else width)) for name, (lo, hi) in BUCKETS.items()}
+
+
+def empathy_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int, tolerance: float = TOLERANCE) -> dict:
+    """Gap, score, over-empathy and consistency of one system over some dialogues.
+
+    Args:
+        table: the aligned arrays.
+        system: the system's name.
+        population: indices of the dialogues to summarise.
+        samples, seed: bootstrap settings.
+        tolerance: half-width of the band around the target.
+    """
+    scores, targets = table.scores[system], table.targets
+    gap = np.abs(scores - targets)
+    base = table.scores.get("base")
+    low_turns = np.where(table.task_levels[:, None] == "low", 1.0, np.nan) * np.isfinite(targets)
+    high_turns = np.where(table.task_levels[:, None] == "high", 1.0, np.nan) * np.isfinite(targets)
+    excess = np.clip(scores - targets, 0, None) * low_turns
+    above = np.where(np.isfinite(scores), (scores - targets > tolerance).astype(float), np.nan) * low_turns
+    in_band = np.where(np.isfinite(scores), (gap <= tolerance).astype(float), np.nan)
+    std, slope, gap_slope = per_dialogue_std(scores), per_dialogue_slope(scores), per_dialogue_slope(gap)
+    onset = drift_onset(scores, targets, tolerance)
+    boot = lambda fn: bootstrap(fn, population, samples, seed)  # noqa: E731
+    nanmean = lambda per: (lambda idx: np.nanmean(per[idx], axis=1))  # noqa: E731
+    result = {
+        "gap": boot(lambda idx: _mean(gap, idx)),
+        "score": boot(lambda idx: _mean(scores, idx)),
+        "target": boot(lambda idx: _mean(targets, idx)),
+        "in_band": boot(lambda idx: _mean(in_band, idx)),
+        "over_empathy_low_tasks": boot(lambda idx: _mean(excess, idx)),
+        "over_empathy_rate_low_tasks": boot(lambda idx: _mean(above, idx)),
+        "score_std": boot(nanmean(std)),
+        "score_slope": boot(nanmean(slope)),
+        "gap_slope": boot(nanmean(gap_slope)),
+        "drift_onset_median": boot(lambda idx: np.median(onset[idx], axis=1)),
+    }
+    if base is not None:
+        base_gap = np.abs(base - targets)
+        result["gap_reduction_vs_base"] = boot(lambda idx: 1 - _mean(gap, idx) / _mean(base_gap, idx))
+        result["score_factor_high_tasks_vs_base"] = boot(lambda idx: _mean(scores * high_turns, idx) / _mean(base * high_turns, idx))
+    buckets = {}
+    for name, columns in _bucket_columns(targets.shape[1]).items():
+        if not columns.any():
+            continue
+        entry = {
+            "gap": boot(lambda idx, c=columns: _mean(gap, idx, c)),
+            "score": boot(lambda idx, c=columns: _mean(scores, idx, c)),
+            "in_band": boot(lambda idx, c=columns: _mean(in_band, idx, c)),
+        }
+        if base is not None:
+            entry["gap_reduction_vs_base"] = boot(lambda idx, c=columns: 1 - _mean(gap, idx, c) / _mean(base_gap, idx, c))
+        buckets[name] = entry
+    result["by_bucket"] = buckets
+    return result
+
+
+def gate_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int) -> dict:
+    """How a system's per-turn expert choice matches the expected levels.
+
+    Args:
+        table: the aligned arrays.
+        system: a system with per-turn mixtures (gated, or external's forced choice).
+        population: indices of the dialogues to summarise.
+        samples, seed: bootstrap settings.
+    """
+    gate, labels = table.gates[system], table.labels
+    choices = gate_choices(gate)
+    valid = labels >= 0
+    correct = np.where(valid, (choices == labels).astype(float), np.nan)
+    shift_turn = np.zeros_like(valid)
+    shift_turn[:, 1:] = valid[:, 1:] & (labels[:, 1:] != labels[:, :-1])
+    correct_after_shift = np.where(shift_turn, correct, np.nan)
+    switches = np.full(labels.shape, np.nan)
+    switches[:, 1:] = np.where(valid[:, 1:], (choices[:, 1:] != choices[:, :-1]).astype(float), np.nan)
+    entropy = gate_entropy(gate)
+    shifts, followed, latency = shift_events(choices, labels)
+    boot = lambda fn: bootstrap(fn, population, samples, seed)  # noqa: E731
+    names = table.expert_names
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    for d in population:
+        for t in np.flatnonzero(valid[d]):
+            confusion[labels[d, t], choices[d, t]] += 1
+    return {
+        "accuracy": boot(lambda idx: _mean(correct, idx)),
+        "accuracy_at_shifts": boot(lambda idx: _mean(correct_after_shift, idx)),
+        "entropy": boot(lambda idx: _mean(entropy, idx)),
+        "switch_rate": boot(lambda idx: _mean(switches, idx)),
+        "shift_follow_rate": boot(lambda idx: followed[idx].sum(1) / shifts[idx].sum(1)),
+        "shift_latency": boot(lambda idx: latency[idx].sum(1) / followed[idx].sum(1)),
+        "shifts": int(shifts[population].sum()),
+        "confusion": {"labels": names, "rows_expected_columns_chosen": confusion.tolist()},
+    }
+
+
+def by_turn(table: EvalTable, system: str) -> dict:
+    """Mean score, target and gap at each turn (1-based position = list index + 1), per task level.
+
+    Args:
+        table: the aligned arrays.
+        system: the system's name.
+    """
+    out = {}
+    groups = {"all": np.ones(table.num_dialogues, dtype=bool)} | {level: table.task_levels == level for level in LEVELS}
+    for group, rows in groups.items():
+        if not rows.any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)  # turns no dialogue of the group has
+            scores, targets = table.scores[system][rows], table.targets[rows]
+            out[group] = {
+                "score": _listify(np.nanmean(scores, 0)),
+                "target": _listify(np.nanmean(targets, 0)),
+                "gap": _listify(np.nanmean(np.abs(scores - targets), 0)),
+            }
+    return out
+
+
+def _listify(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def compute_metrics(table: EvalTable, samples: int = 1000, seed: int = 0, tolerance: float = TOLERANCE) -> dict:
+    """All metrics of all systems: overall, per task, per turn bucket, per turn, and the gate.
+
+    Args:
+        table: the aligned arrays.
+        samples: bootstrap resamples.
+        seed: bootstrap seed.
+        tolerance: half-width of the band around the target.
+    """
+    everyone = np.arange(table.num_dialogues)
+    systems = {}
+    for name in table.scores:
+        entry = {"overall": empathy_metrics(table, name, everyone, samples, seed, tolerance), "by_task": {}}
+        for task in sorted(set(table.tasks)):
+            entry["by_task"][task] = empathy_metrics(table, name, np.flatnonzero(table.tasks == task), samples, seed, tolerance)
+            entry["by_task"][task].pop("by_bucket")
+        entry["by_turn"] = by_turn(table, name)
+        if name in table.gates:
+            entry["gate"] = gate_metrics(table, name, everyone, samples, seed)
+            entry["gate_by_task"] = {
+                task: gate_metrics(table, name, np.flatnonzero(table.tasks == task), samples, seed) for task in sorted(set(table.tasks))
+            }
+        systems[name] = entry
+    return systems
+
+
+def check_targets(systems: dict, timing: dict | None = None) -> list[dict]:
+    """The issue's targets for the gated model, each with what was measured and whether it is met
+    (None when the run lacks a system or setting needed to tell).
+
+    Args:
+        systems: :func:`compute_metrics` output for the primary scorer.
+        timing: ``{"seconds", "dialogues", "turns", "systems", "max_new_tokens"}`` of the run, or None.
+    """
+    value = lambda system, *path: _dig(systems, system, *path)  # noqa: E731
+    rows = []
+
+    def add(target: str, measured: str, met: bool | None) -> None:
+        rows.append({"target": target, "measured": measured, "met": met})
+
+    reduction, prompt_reduction = value("gated", "overall", "gap_reduction_vs_base"), value("system_prompt", "overall", "gap_reduction_vs_base")
+    add(
+        "gated gap reduction vs base >= 72.66% (paper)",
+        _fmt_pct(reduction),
+        None if reduction is None else reduction >= 0.7266,
+    )
+    add(
+        "gated gap reduction >= system_prompt's",
+        f"{_fmt_pct(reduction)} vs {_fmt_pct(prompt_reduction)}",
+        None if reduction is None or prompt_reduction is None else reduction >= prompt_reduction,
+    )
+    accuracy, external_accuracy = value("gated", "gate", "accuracy"), value("external", "gate", "accuracy")
+    add(
+        "gated gate accuracy >= external's selection by task",
+        f"{_fmt_pct(accuracy)} vs {_fmt_pct(external_accuracy)}",
+        None if accuracy is None or external_accuracy is None else accuracy >= external_accuracy,
+    )
+    gap, external_gap = value("gated", "overall", "gap"), value("external", "overall", "gap")
+    add(
+        "gated gap <= 1.05 x external's",
+        f"{_fmt(gap)} vs {_fmt(external_gap)} (x{_fmt(gap / external_gap if gap and external_gap else None)})",
+        None if gap is None or external_gap is None else gap <= 1.05 * external_gap,
+    )
+    early, late = value("gated", "overall", "by_bucket", "1-5", "gap"), value("gated", "overall", "by_bucket", "30+", "gap")
+    add("gated gap at turns 30+ <= at turns 1-5 (no drift)", f"{_fmt(late)} vs {_fmt(early)}", None if early is None or late is None else late <= early)
+    early, late = value("system_prompt", "overall", "by_bucket", "1-5", "gap"), value("system_prompt", "overall", "by_bucket", "30+", "gap")
+    add("system_prompt gap grows from turns 1-5 to 30+", f"{_fmt(late)} vs {_fmt(early)}", None if early is None or late is None else late > early)
+    if timing is not None:
+        full = timing["dialogues"] >= 40 and timing["turns"] >= 30 and timing["systems"] >= 5 and timing["max_new_tokens"] >= 48
+        add(
+            "40 dialogues x 30 turns x 5 systems (48 new tokens) within 30 minutes",
+            f"{timing['seconds'] / 60:.1f} min for {timing['dialogues']} x {timing['turns']} x {timing['systems']} "
+            f"({timing['max_new_tokens']} tokens)",
+            (timing["seconds"] <= 1800) if full else None,
+        )
+    return rows
+
+
+def _dig(tree: dict, *path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree.get("value") if isinstance(tree, dict) and "value" in tree else tree
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
