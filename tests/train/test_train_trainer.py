@@ -1,0 +1,113 @@
+"""Trainer runs of the tiny config: learning, checkpoints, exact resume, atomic saves, baselines."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import moe_empathy  # noqa: F401  (registers the model with AutoModelForCausalLM)
+from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
+from train_support import corpus_dir, tiny_config  # noqa: F401  (fixture)
+
+NAMES = ["low", "medium", "high"]
+
+
+def _logs(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _experts(folder):
+    return load_file(str(folder / "experts.safetensors"))
+
+
+def test_tiny_training_learns_and_saves_loadable_checkpoints(corpus_dir, tmp_path):
+    from datasets import load_from_disk
+
+    run = tmp_path / "run"
+    config = tiny_config(corpus_dir, training={"max_steps": 40, "eval_steps": 20, "logging_steps": 10})
+    summary = train(config, run)
+
+    logs = [log for log in _logs(run) if "lm_loss" in log and "eval_loss" not in log]
+    assert [log["step"] for log in logs] == [10, 20, 30, 40]
+    assert logs[-1]["lm_loss"] < logs[0]["lm_loss"]
+    assert logs[-1]["gate_label_loss"] < logs[0]["gate_label_loss"]
+    for key in ("loss", "gate_label_loss", "load_balancing_loss", "z_loss", "gate_accuracy", "gate_entropy", "tokens_per_second"):
+        assert all(key in log for log in logs), key
+    # The gate beats always answering the most common level of the test split.
+    levels = Counter(t["level"] for r in load_from_disk(str(corpus_dir))["test"] for t in r["turns"] if t["role"] == "assistant")
+    majority = max(levels.values()) / sum(levels.values())
+    assert summary["test"]["test_gate_accuracy"] > majority + 0.1, (summary["test"], majority)
+    assert summary["padding_fraction"]["bucket"] < summary["padding_fraction"]["pad"]
+
+    # Checkpoints are compact and load with AutoModelForCausalLM; `last` is the final state.
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    for folder in (run / "last", run / "best", run / "checkpoint-20"):
+        assert not list(folder.glob("model*.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert isinstance(model, MoeEmpathyForCausalLM)
+        stored = _experts(folder)
+        assert all(torch.equal(model.expert_state_dict()[k], stored[k]) for k in stored)
+    final = _experts(run / "last")
+    assert all(torch.equal(final[k], v) for k, v in _experts(run / "checkpoint-40").items())
+    assert summary["best_checkpoint"].endswith(("checkpoint-20", "checkpoint-40"))
+
+
+def test_resume_is_exact_and_an_interrupted_save_leaves_the_last_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    config = tiny_config(corpus_dir, training={"max_steps": 6, "eval_steps": 3, "logging_steps": 1}, data={"max_eval_dialogues": 8})
+    train(config, tmp_path / "full")
+
+    save_rng_state = MoeEmpathyTrainer._save_rng_state
+
+    def killed_at_step_6(self, output_dir):
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt("killed while writing a checkpoint")
+        save_rng_state(self, output_dir)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(MoeEmpathyTrainer, "_save_rng_state", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, cut)
+    monkeypatch.undo()
+    assert (cut / "tmp-checkpoint-6" / "experts.safetensors").is_file()
+    assert not (cut / "checkpoint-6").exists()
+    assert resolve_resume(cut) == str(cut / "checkpoint-3")
+    assert isinstance(AutoModelForCausalLM.from_pretrained(cut / "checkpoint-3"), MoeEmpathyForCausalLM)
+
+    train(config, cut, resume=cut)
+    full, resumed = _experts(tmp_path / "full" / "checkpoint-6"), _experts(cut / "checkpoint-6")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    assert not (cut / "tmp-checkpoint-6").exists()
+    # The log keeps one line per step: the interrupted run's steps 4-6 were replaced.
+    steps = [log["step"] for log in _logs(cut) if "loss" in log and "eval_loss" not in log]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses = {log["step"]: log["loss"] for log in _logs(tmp_path / "full") if "loss" in log and "eval_loss" not in log}
+    assert [log["loss"] for log in _logs(cut) if "loss" in log and "eval_loss" not in log] == [losses[s] for s in steps]
+
+
+def test_baselines_share_the_trainer(corpus_dir, tmp_path):
+    short = {"training": {"max_steps": 2, "eval_steps": 2, "logging_steps": 1}, "data": {"max_eval_dialogues": 8}}
+    single = train(tiny_config(corpus_dir, method="single_lora", **short), tmp_path / "single")
+    assert (tmp_path / "single" / "last" / "adapter_model.safetensors").is_file()
+    assert "test_gate_accuracy" not in single["test"] and single["test"]["test_lm_loss"] > 0
+
+    experts = tmp_path / "experts"
+    per_level = train(tiny_config(corpus_dir, method="per_level", **short), experts)
+    assert set(per_level["experts"]) == set(NAMES)
+    for name in NAMES:
+        assert (experts / name / "adapter_config.json").is_file()
+        assert per_level["experts"][name]["steps"] == 2
+
+    gated = tiny_config(corpus_dir, method="gated_from_experts", model={"init_from_experts": str(experts)}, **short)
+    summary = train(gated, tmp_path / "gated")
+    assert "test_gate_accuracy" in summary["test"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gated" / "last")
+    assert model.expert_names == NAMES
+    assert all(linear.lora_B.abs().sum() > 0 for linear in model.experts.values())
