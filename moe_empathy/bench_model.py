@@ -155,10 +155,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 batch = training_batch(args.train_batch, args.train_seq, base.config.vocab_size, name.startswith("moe"))
                 jobs.append((("train_step", name, args.train_batch), lambda m=model, b=batch: time_training_step(m, b)))
+        # X-LoRA runs two full forwards per token without a cache: it gets fewer rounds and no warm-up.
+        rounds = [[(key, job) for key, job in jobs if key[1] != "peft_xlora" or 1 <= r <= args.xlora_repeats] for r in range(args.repeats + 1)]
         with Progress(console=console) as progress:
-            task = progress.add_task("benchmark", total=len(jobs) * (args.repeats + 1))
-            for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
-                for key, job in jobs:
+            task = progress.add_task("benchmark", total=sum(len(r) for r in rounds))
+            for repeat, round_jobs in enumerate(rounds):  # round 0 warms up and is discarded
+                for key, job in round_jobs:
                     seconds = job()
                     if repeat:
                         samples.setdefault(key, []).append(seconds)
@@ -233,6 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy new tokens per generation")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter and expert")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--xlora-repeats", type=int, default=1, help="timed rounds of X-LoRA (it is slow)")
     parser.add_argument("--train-batch", type=int, default=4, help="training-step batch size")
     parser.add_argument("--train-seq", type=int, default=256, help="training-step sequence length")
     parser.add_argument("--skip-training", action="store_true", help="time generation only")
