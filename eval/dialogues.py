@@ -8,6 +8,7 @@ be. The scripted assistant replies themselves are never shown to an evaluated sy
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 
 from moe_empathy.train.taxonomy import LEVELS
@@ -107,7 +108,8 @@ def load_split(data: str | Path, split: str) -> list[dict]:
 
 
 def synthesise_split(split: str, dialogues: int, turns: int, seed: int = EVAL_SEED) -> list[dict]:
-    """Template-generated dialogues of exactly ``turns`` exchanges from one split's scenarios.
+    """Template-generated dialogues of exactly ``turns`` exchanges from one split's scenarios,
+    taken in turn from each task.
 
     Args:
         split: the split whose scenarios to draw from.
@@ -125,7 +127,12 @@ def synthesise_split(split: str, dialogues: int, turns: int, seed: int = EVAL_SE
         # Scenarios split about 80/10/10, so a held-out split needs ~10x as many dialogues.
         total *= 4
         records = generate(SynthConfig(dialogues=total, min_turns=turns, max_turns=turns, seed=seed))[split]
-    return records[:dialogues]
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], []).append(record)
+    # Round-robin over tasks, so that every task is represented even in a small evaluation.
+    mixed = [r for group in zip_longest(*by_task.values()) for r in group if r is not None]
+    return mixed[:dialogues]
 
 
 def select_dialogues(records: list[dict], dialogues: int, turns: int) -> list[dict]:

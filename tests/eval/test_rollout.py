@@ -1,0 +1,90 @@
+"""Rollouts on a tiny random model: carrying the KV cache gives the replies and gates of
+re-encoding every turn, the recorded gate is the model's own, and batches are well formed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_empathy.eval.rollout import TurnTokens, make_batches, rollout, rollout_batch
+from moe_empathy.eval.systems import build_systems
+
+
+@pytest.fixture
+def stopping(gated):
+    """Extra stop tokens that the random model emits early, so some replies end before the
+    cap and leave padding inside the carried cache."""
+    gated.generation_config.eos_token_id = [2, 3383, 565, 616]
+    return gated
+
+
+def test_cached_rollout_equals_reencoding(stopping, tokenizer, scripts):
+    systems = build_systems(["base", "system_prompt", "external", "gated"], stopping, tokenizer)
+    cached, cached_stats = rollout(systems, scripts, tokenizer, batch_size=4, max_new_tokens=6, mode="cached")
+    fresh, fresh_stats = rollout(systems, scripts, tokenizer, batch_size=4, max_new_tokens=6, mode="reencode")
+    lengths = [n for r in cached["gated"] + cached["base"] for n in r.new_tokens]
+    assert min(lengths) < 6 == max(lengths), "the test needs replies that stop early and replies cut at the cap"
+    for name in cached:
+        for a, b in zip(cached[name], fresh[name]):
+            assert a.replies == b.replies and a.new_tokens == b.new_tokens
+            if a.gate is not None:
+                torch.testing.assert_close(torch.tensor(a.gate), torch.tensor(b.gate), rtol=1e-4, atol=1e-5)
+        # Only the new user message is prefilled each turn.
+        assert cached_stats[name].prefill_tokens < fresh_stats[name].prefill_tokens
+        assert cached_stats[name].turns == fresh_stats[name].turns == sum(len(s["turns"]) // 2 for s in scripts)
+
+
+def test_gated_gate_matches_the_routing_log(gated, tokenizer, scripts):
+    (system,) = build_systems(["gated"], gated, tokenizer)
+    gated.enable_routing_log()
+    played = rollout_batch(system, scripts, tokenizer, max_new_tokens=4)
+    records = gated.disable_routing_log()
+    turns = len(scripts[0]["turns"]) // 2
+    assert len(records) == len(scripts) * turns  # one decision per dialogue and turn, none while decoding
+    for record in records:
+        logged = [record.weights[n] for n in gated.expert_names]
+        assert played[record.dialogue].gate[record.turn] == pytest.approx(logged, abs=1e-6)
+    for r in played:
+        assert len(r.gate) == turns and all(sum(w) == pytest.approx(1.0, abs=1e-5) for w in r.gate)
+
+
+def test_external_forces_the_task_level_and_batches_by_it(gated, tokenizer, scripts):
+    (system,) = build_systems(["external"], gated, tokenizer)
+    batches = make_batches(system, scripts, batch_size=8)
+    for batch in batches:
+        assert len({scripts[i]["task_level"] for i in batch}) == 1
+    assert sorted(i for b in batches for i in b) == list(range(len(scripts)))
+    played, _ = rollout([system], scripts, tokenizer, batch_size=8, max_new_tokens=2)
+    for r in played["external"]:
+        expected = [float(n == r.task_level) for n in gated.expert_names]
+        assert r.gate == [expected] * len(r.levels)
+        assert r.levels == [t["level"] for t in scripts[[s["dialogue_id"] for s in scripts].index(r.dialogue_id)]["turns"][1::2]]
+
+
+def test_turn_tokens_rebuild_the_template(tokenizer):
+    template = TurnTokens(tokenizer)
+    reply = "Try safe mode first."
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    closing, opening = template.next("Thanks!", tokenizer.eos_token)
+    ids = template.first("Be brief.", "Hello there.") + reply_ids + closing + opening
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == expected
+    # A reply cut at the length cap is closed by the template's own end-of-turn text.
+    closing, opening = template.next("Thanks!", "")
+    assert tokenizer.decode(closing) == tokenizer.eos_token + "\n"
+    assert tokenizer.decode(opening).startswith("<|im_start|>user\nThanks!")
+
+
+def test_rollout_rejects_a_mixed_batch(gated, tokenizer, scripts):
+    (system,) = build_systems(["external"], gated, tokenizer)
+    mixed = [s for s in scripts if s["task_level"] == "low"][:1] + [s for s in scripts if s["task_level"] != "low"][:1]
+    with pytest.raises(ValueError, match="one group"):
+        rollout_batch(system, mixed, tokenizer)
+    with pytest.raises(ValueError, match="rollout mode"):
+        rollout_batch(system, scripts[:1], tokenizer, mode="fast")
