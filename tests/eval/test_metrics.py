@@ -1,0 +1,154 @@
+"""Metrics on hand-built inputs whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_empathy.eval.metrics import (
+    LEVEL_BAND,
+    LEVEL_TARGET,
+    EvalTable,
+    bootstrap,
+    build_table,
+    check_targets,
+    compute_metrics,
+    drift_onset,
+    gate_entropy,
+    gate_metrics,
+    per_dialogue_slope,
+    score_rollouts,
+    shift_events,
+)
+from moe_empathy.eval.rollout import DialogueRollout
+from moe_empathy.eval.scorers import EmpathyScore
+
+NAMES = ["low", "medium", "high"]
+
+
+def test_targets_are_the_middle_of_each_level_band():
+    assert LEVEL_BAND["low"] == pytest.approx((1.0, 1 + 4 / 6))
+    assert LEVEL_BAND["high"] == pytest.approx((1 + 16 / 6, 5.0))
+    assert [LEVEL_TARGET[n] for n in NAMES] == pytest.approx([4 / 3, 8 / 3, 13 / 3])
+
+
+def _table(levels: list[list[str]], scores: dict[str, list[list[float]]], task_levels: list[str], gates=None) -> EvalTable:
+    rollouts = {
+        name: [
+            DialogueRollout(name, f"d{d}", f"task_{task_levels[d]}", task_levels[d], users=["u"] * len(row), replies=["r"] * len(row), levels=levels[d], gate=(gates or {}).get(name, [None] * len(levels))[d])
+            for d, row in enumerate(rows)
+        ]
+        for name, rows in scores.items()
+    }
+    return build_table(rollouts, scores, NAMES)
+
+
+def test_gap_reduction_and_high_task_factor():
+    levels = [["high", "high"], ["low", "low"]]
+    perfect = [[LEVEL_TARGET["high"]] * 2, [LEVEL_TARGET["low"]] * 2]
+    table = _table(levels, {"base": [[1.0, 1.0], [1.0, 1.0]], "ours": perfect, "half": [[2.0, 2.0], [1.0, 1.0]]}, ["high", "low"])
+    metrics = compute_metrics(table, samples=50)
+    base_gap = ((13 / 3 - 1) * 2 + (4 / 3 - 1) * 2) / 4
+    assert metrics["base"]["overall"]["gap"]["value"] == pytest.approx(base_gap)
+    assert metrics["ours"]["overall"]["gap"]["value"] == pytest.approx(0.0)
+    assert metrics["ours"]["overall"]["gap_reduction_vs_base"]["value"] == pytest.approx(1.0)
+    assert metrics["base"]["overall"]["gap_reduction_vs_base"]["value"] == pytest.approx(0.0)
+    assert metrics["ours"]["overall"]["score_factor_high_tasks_vs_base"]["value"] == pytest.approx(13 / 3)
+    assert metrics["half"]["overall"]["score_factor_high_tasks_vs_base"]["value"] == pytest.approx(2.0)
+    assert set(metrics["ours"]["by_task"]) == {"task_high", "task_low"}
+    assert metrics["ours"]["by_task"]["task_high"]["gap"]["value"] == pytest.approx(0.0)
+
+
+def test_over_empathy_counts_only_low_task_turns_above_their_target():
+    levels = [["low", "high"], ["high", "high"]]
+    table = _table(levels, {"base": [[3.0, 5.0], [5.0, 5.0]]}, ["low", "high"])
+    overall = compute_metrics(table, samples=20)["base"]["overall"]
+    # Low task: turn 1 is 3.0 - 4/3 above its target; turn 2 expects high and exceeds it by 2/3.
+    assert overall["over_empathy_low_tasks"]["value"] == pytest.approx(((3 - 4 / 3) + (5 - 13 / 3)) / 2)
+    assert overall["over_empathy_rate_low_tasks"]["value"] == pytest.approx(0.5)  # only 5/3 > 1.0 tolerance
+
+
+def test_slope_std_and_drift_onset():
+    scores = np.array([[1.0, 2.0, 3.0, np.nan], [4.0, 4.0, 4.0, 4.0]])
+    assert per_dialogue_slope(scores) == pytest.approx([1.0, 0.0])
+    targets = np.array([[1.0, 1.0, 1.0, np.nan], [4.0, 4.0, 4.0, 4.0]])
+    # Dialogue 0 leaves the +-1 band at turn 3 (|3 - 1| = 2); dialogue 1 never: its length + 1.
+    assert drift_onset(scores, targets, 1.0).tolist() == [3.0, 5.0]
+    assert per_dialogue_slope(np.array([[2.0, np.nan]])).tolist() == [pytest.approx(np.nan, nan_ok=True)]
+
+
+def test_buckets_are_inclusive_as_named():
+    levels = [["low"] * 31]
+    scores = [[LEVEL_TARGET["low"]] * 29 + [3.0, 5.0]]
+    table = _table(levels, {"base": scores}, ["low"])
+    buckets = compute_metrics(table, samples=10)["base"]["overall"]["by_bucket"]
+    assert list(buckets) == ["1-5", "6-15", "16-30", "30+"]
+    assert buckets["1-5"]["gap"]["value"] == pytest.approx(0.0)
+    assert buckets["16-30"]["gap"]["value"] == pytest.approx((3 - 4 / 3) / 15)
+    assert buckets["30+"]["gap"]["value"] == pytest.approx(((3 - 4 / 3) + (5 - 4 / 3)) / 2)
+
+
+def test_shift_events_follow_latency_and_misses():
+    labels = np.array([[0, 0, 2, 2, 2, 1, -1]])
+    choices = np.array([[0, 0, 0, 2, 2, 0, -1]])
+    shifts, followed, latency = shift_events(choices, labels)
+    assert (shifts[0], followed[0], latency[0]) == (2, 1, 1)  # 0->2 reached one turn late; 2->1 never
+
+
+def test_gate_metrics_accuracy_switches_entropy_confusion():
+    one = lambda i: [float(j == i) for j in range(3)]  # noqa: E731
+    levels = [["low", "low", "high"], ["medium", "medium", "medium"]]
+    gates = {"gated": [[one(0), one(1), one(2)], [one(1), one(1), one(1)]]}
+    table = _table(levels, {"gated": [[1.0] * 3, [1.0] * 3]}, ["low", "medium"], gates)
+    gate = gate_metrics(table, "gated", np.arange(2), samples=20, seed=0)
+    assert gate["accuracy"]["value"] == pytest.approx(5 / 6)
+    assert gate["switch_rate"]["value"] == pytest.approx(2 / 4)
+    assert gate["entropy"]["value"] == pytest.approx(0.0)
+    assert gate["accuracy_at_shifts"]["value"] == pytest.approx(1.0)
+    assert gate["shift_follow_rate"]["value"] == pytest.approx(1.0) and gate["shift_latency"]["value"] == pytest.approx(0.0)
+    assert gate["confusion"]["rows_expected_columns_chosen"] == [[1, 1, 0], [0, 3, 0], [0, 0, 1]]
+    assert gate_entropy(np.full((1, 1, 3), 1 / 3))[0, 0] == pytest.approx(1.0)
+
+
+def test_bootstrap_interval_brackets_the_value_and_collapses_on_constants():
+    values = np.arange(20, dtype=float)
+    result = bootstrap(lambda idx: values[idx].mean(1), np.arange(20), samples=300)
+    assert result["value"] == pytest.approx(9.5)
+    assert result["ci_low"] < 9.5 < result["ci_high"] and result["n"] == 20
+    constant = bootstrap(lambda idx: np.ones(idx.shape[0]), np.arange(5), samples=50)
+    assert constant["value"] == constant["ci_low"] == constant["ci_high"] == 1.0
+    assert bootstrap(lambda idx: idx.mean(1), np.array([], dtype=int))["value"] is None
+
+
+def test_empty_replies_score_one_without_reaching_the_scorer():
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def score(self, responses, contexts):
+            self.seen += list(zip(responses, contexts))
+            return [EmpathyScore(4.0) for _ in responses]
+
+    played = [DialogueRollout("s", "d", "t", "low", users=["hi", "and?"], replies=["", "hello"], levels=["low", "low"])]
+    scorer = Recorder()
+    assert score_rollouts(played, scorer) == [[1.0, 4.0]]
+    (response, context), = scorer.seen
+    assert response == "hello" and [m["content"] for m in context] == ["hi", "", "and?"]
+
+
+def test_targets_report_met_missed_and_unmeasurable():
+    def entry(value):
+        return {"value": value}
+
+    systems = {
+        "gated": {"overall": {"gap": entry(0.5), "gap_reduction_vs_base": entry(0.8), "by_bucket": {"1-5": {"gap": entry(0.5)}}}, "gate": {"accuracy": entry(0.7)}},
+        "system_prompt": {"overall": {"gap_reduction_vs_base": entry(0.9), "by_bucket": {"1-5": {"gap": entry(1.0)}}}},
+        "external": {"overall": {"gap": entry(0.5)}, "gate": {"accuracy": entry(0.6)}},
+    }
+    rows = {r["target"]: r["met"] for r in check_targets(systems, {"seconds": 100, "dialogues": 4, "turns": 3, "systems": 5, "max_new_tokens": 48})}
+    assert rows["gated gap reduction vs base >= 72.66% (paper)"] is True
+    assert rows["gated gap reduction >= system_prompt's"] is False
+    assert rows["gated gate accuracy >= external's selection by task"] is True
+    assert rows["gated gap <= 1.05 x external's"] is True
+    assert rows["gated gap at turns 30+ <= at turns 1-5 (no drift)"] is None
+    assert rows["40 dialogues x 30 turns x 5 systems (48 new tokens) within 30 minutes"] is None
