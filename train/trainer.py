@@ -5,9 +5,11 @@
 config picks the gated model or a baseline (see :mod:`.baselines`); all of them share the
 data pipeline, the loss bookkeeping, the callbacks and the checkpoint format here.
 
-Objective per micro-batch: the LM loss over assistant tokens, normalised by the number of
-assistant tokens of the whole optimizer step (all processes and accumulation steps, so any
-split of one global batch gives the same gradient), plus the gate's weighted losses.
+Objective per optimizer step: the LM loss summed over assistant tokens and divided by the
+number of assistant tokens of the whole step (all processes and accumulation steps), plus the
+gate-label cross-entropy and z-loss summed over labelled turns and divided by the step's
+labelled turns, so any split of one global batch gives the same gradient; plus the
+load-balancing loss, a mean per micro-batch (it is not a sum over turns), averaged.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class MoeEmpathyTrainer(Trainer):
         self._buffers = {"train": _Buffer.empty(), "eval": _Buffer.empty()}
         self._metric_prefix = "eval"
         self._last_log_time = time.perf_counter()
+        self._turns_in_step: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- data
 
@@ -127,14 +130,42 @@ class MoeEmpathyTrainer(Trainer):
         aux = getattr(outputs, "aux_loss", None)
         aux = aux if aux is not None else lm_sum.new_zeros(())
         if model.training and num_items_in_batch is not None:
-            # Sums over this process's tokens / tokens of the whole step; DDP averages over
-            # processes, hence the factor; the gate losses are means, averaged over micro-batches.
-            lm_loss = lm_sum / num_items_in_batch * self.accelerator.num_processes
-            loss = lm_loss + aux / self.current_gradient_accumulation_steps
+            # Sums over this process's tokens (turns) / tokens (turns) of the whole step; DDP
+            # averages over processes, hence the factor.
+            processes = self.accelerator.num_processes
+            loss = lm_sum / num_items_in_batch * processes
+            if getattr(outputs, "gate_logits", None) is not None and self._turns_in_step is not None:
+                loss = loss + self._gate_loss_sums(model, outputs, inputs["gate_labels"]) / self._turns_in_step * processes
+                aux = self.accelerator.unwrap_model(model).config.load_balancing_loss_weight * outputs.load_balancing_loss
+            loss = loss + aux / self.current_gradient_accumulation_steps
         else:
             loss = lm_sum / tokens.clamp(min=1) + aux
         self._record(outputs, inputs, lm_sum.detach(), tokens, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
+
+    def _gate_loss_sums(self, model, outputs, gate_labels: torch.Tensor) -> torch.Tensor:
+        """Weighted sums over this micro-batch's labelled turns of the gate-label cross-entropy
+        and the z-loss (the model's per-turn terms; their means are what it reports)."""
+        config = self.accelerator.unwrap_model(model).config
+        logits = outputs.gate_logits.float()  # [batch, turns, E]
+        width = min(logits.shape[1], gate_labels.shape[1])
+        labels = gate_labels[:, :width]  # [batch, turns]
+        known = (labels != IGNORE_INDEX) & outputs.turn_mask[:, :width]
+        chosen = logits[:, :width][known]  # [n, E]
+        label_sum = F.cross_entropy(chosen / config.gate_temperature, labels[known], reduction="sum")
+        z_sum = torch.logsumexp(chosen, dim=-1).pow(2).sum()
+        return config.gate_label_loss_weight * label_sum + config.z_loss_weight * z_sum
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the labelled turns of the whole optimizer step (all processes)."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._turns_in_step = None
+        if batches and all("gate_labels" in b for b in batches):
+            turns = sum((b["gate_labels"] != IGNORE_INDEX).sum() for b in batches).to(device)
+            if self.accelerator.num_processes > 1:
+                turns = self.accelerator.reduce(turns, reduction="sum")
+            self._turns_in_step = turns.clamp(min=1)
+        return batches, num_items_in_batch
 
     @torch.no_grad()
     def _record(self, outputs, inputs, lm_sum: torch.Tensor, tokens: torch.Tensor, split: str) -> None:
