@@ -1,4 +1,4 @@
-"""The ``moe-empathy`` command: ``demo``, ``chat``, ``info``, ``synth``, ``train``, ``eval``, ``bench``."""
+"""The ``moe-empathy`` command: ``demo``, ``chat``, ``info``, ``synth``, ``train``, ``eval``, ``inspect``, ``bench``."""
 
 from __future__ import annotations
 
@@ -168,6 +168,7 @@ def run_info(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench_model import add_parser as add_bench_model
+    from .eval.cli import add_inspect_parser, add_run_parser
     from .eval.validate_scorers import add_parser as add_eval_scorers
     from .kernels.bench import add_parser as add_bench_kernels
     from .train.synth import add_parser as add_synth
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(commands)
     evaluation = commands.add_parser("eval", help="evaluation commands").add_subparsers(dest="eval_command", required=True)
     add_eval_scorers(evaluation)
+    add_run_parser(evaluation)
+    add_inspect_parser(commands)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     add_bench_model(bench)
     add_bench_kernels(bench)

@@ -12,6 +12,9 @@ def test_every_subcommand_is_registered():
         ["info", "--no-model"],
         ["synth", "--out", "x"],
         ["eval", "scorers"],
+        ["eval", "run", "--model", "m", "--out", "o"],
+        ["inspect", "--model", "m", "--dialogue", "d.json"],
+        ["train", "--config", "c.yaml"],
         ["bench", "model"],
         ["bench", "kernels"],
     ):
