@@ -461,6 +461,8 @@ def training_arguments(config: TrainConfig, output_dir: str, max_steps: int) -> 
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
         report_to="none",
+        # Without CUDA, processes started by `accelerate launch` / torchrun join a gloo group on the CPU.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 

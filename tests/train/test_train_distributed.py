@@ -40,10 +40,13 @@ def test_two_processes_reach_the_loss_of_one(corpus_dir, tmp_path):
     one = _config(corpus_dir, tmp_path, "one", batch=8)
     two = _config(corpus_dir, tmp_path, "two", batch=4)
     subprocess.run([sys.executable, *module, "--config", str(one), "--output", str(tmp_path / "one")], check=True, env=env)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA the trainer joins a gloo group
+    # on the CPU (`--cpu` alone starts a single process unless MPI is set up).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
     subprocess.run([*launch, *module, "--config", str(two), "--output", str(tmp_path / "two")], check=True, env=env)
     single, double = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(single) == sorted(double) == list(range(1, STEPS + 1))
     assert double[STEPS] == pytest.approx(single[STEPS], rel=1e-4)
     assert double[1] == pytest.approx(single[1], rel=1e-5)
+    assert (tmp_path / "two" / "last" / "experts.safetensors").is_file()
