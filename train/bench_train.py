@@ -41,7 +41,7 @@ def xlora_model(config, base, folder: Path, hidden_size: int):
             for name, param in expert.named_parameters():
                 if "lora_" in name:
                     param.normal_(std=0.02)
-        expert.save_pretrained(folder / str(index))
+        expert.save_pretrained(folder / str(index), save_embedding_layers=False)
         adapters[str(index)] = str(folder / str(index))
     base.config.use_cache = False
     return get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden_size, adapters=adapters, use_trainable_adapters=True))
