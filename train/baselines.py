@@ -28,7 +28,7 @@ from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TINY_BASE, TrainConfig
-from .trainer import EncodedDialogues, copy_model_files, run_training
+from .trainer import EncodedDialogues, copy_model_files, run_training, write_summary
 
 SPLITS = ("train", "validation", "test")
 
@@ -253,6 +253,9 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
         summaries[name] = run_training(config, model, pad, data, run_dir, max_steps, level_resume, f"expert {name}", with_gate=False)
         if args.should_save:
             copy_model_files(run_dir / "last", output_dir / name)
-    return {"method": "per_level", "steps": max_steps, "experts": summaries, "test": {
-        f"test_{name}_lm_loss": s["test"].get("test_lm_loss") for name, s in summaries.items()
-    }}
+    seconds = round(sum(summary["train_seconds"] for summary in summaries.values()), 1)
+    test = {f"test_{name}_lm_loss": summary["test"].get("test_lm_loss") for name, summary in summaries.items()}
+    summary = {"method": "per_level", "steps": max_steps, "train_seconds": seconds, "test": test, "experts": summaries}
+    if args.should_save:
+        write_summary(output_dir, summary)
+    return summary

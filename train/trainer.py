@@ -560,8 +560,13 @@ def run_training(
         ),
     }
     if args.should_save:
-        _atomic_write(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
+        write_summary(output_dir, summary)
     return summary
+
+
+def write_summary(output_dir: str | os.PathLike, summary: dict) -> None:
+    """Writes a run's summary to ``output_dir/summary.json`` (atomically)."""
+    _atomic_write(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
 
 
 def train(

@@ -105,6 +105,7 @@ def test_baselines_share_the_trainer(corpus_dir, tmp_path):
     for name in NAMES:
         assert (experts / name / "adapter_config.json").is_file()
         assert per_level["experts"][name]["steps"] == 2
+    assert json.loads((experts / "summary.json").read_text())["method"] == "per_level"
 
     gated = tiny_config(corpus_dir, method="gated_from_experts", model={"init_from_experts": str(experts)}, **short)
     summary = train(gated, tmp_path / "gated")
