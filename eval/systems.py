@@ -62,6 +62,7 @@ class EvalSystem:
         routing: a context manager for a batch's generation, given the batch's group key.
         gated: True when the model's own gate chooses (its per-turn weights are recorded).
         forced_expert: the expert selected for a group key, for systems that select one.
+        sources: where the system's weights came from (for the report).
     """
 
     name: str

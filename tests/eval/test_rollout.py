@@ -19,7 +19,7 @@ def stopping(gated):
 
 
 def test_cached_rollout_equals_reencoding(stopping, tokenizer, scripts):
-    systems = build_systems(["base", "system_prompt", "external", "gated"], stopping, tokenizer)
+    systems = build_systems(["base", "external", "gated"], stopping, tokenizer)
     cached, cached_stats = rollout(systems, scripts, tokenizer, batch_size=4, max_new_tokens=6, mode="cached")
     fresh, fresh_stats = rollout(systems, scripts, tokenizer, batch_size=4, max_new_tokens=6, mode="reencode")
     lengths = [n for r in cached["gated"] + cached["base"] for n in r.new_tokens]
