@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory, tokenizer):
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     model = MoeEmpathyForCausalLM.from_base(
-        base, tokenizer=tokenizer, lora_rank=4, gate_layer=1, base_model_name_or_path=str(root / "base")
+        base, tokenizer=tokenizer, lora_rank=4, gate_layer=1, kernel_backend="torch", base_model_name_or_path=str(root / "base")
     ).eval()
     randomise_experts(model, std=0.5)
     model.save_pretrained(root / "model")
@@ -41,8 +41,9 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def gated(tokenizer):
-    """A tiny gated model with random experts (in memory)."""
-    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1).eval()
+    """A tiny gated model with random experts (in memory), on the torch expert path (the
+    Triton interpreter that the test session switches on for CPU is slow)."""
+    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1, kernel_backend="torch").eval()
     randomise_experts(model, std=0.5)
     return model
 
