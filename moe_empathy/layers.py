@@ -35,13 +35,15 @@ class TokenRouting:
         weights: ``[batch, seq, E]`` dense gate weights (zero outside the chosen experts).
         expert_ids: ``[batch, seq, k]`` chosen experts for top-k gates, else None.
         topk_weights: ``[batch, seq, k]`` weights of the chosen experts, else None.
-        merged_key: set when every token of the forward shares one mixture (batch 1, one
-            turn), so layers may fold it into their weight; it identifies that mixture.
+        merged_gate: ``[E]`` the one mixture shared by every non-padding token (batch 1 and
+            one turn, or a forced gate), which layers may fold into their weight; else None.
+        merged_key: a hashable copy of ``merged_gate`` that identifies the folded weight.
     """
 
     weights: torch.Tensor
     expert_ids: torch.Tensor | None = None
     topk_weights: torch.Tensor | None = None
+    merged_gate: torch.Tensor | None = None
     merged_key: tuple | None = None
 
 
@@ -124,7 +126,7 @@ class MultiLoraLinear(nn.Module):
         # Optimiser steps and loads bump the parameters' versions, which invalidates the fold.
         key = (routing.merged_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
         if self._merged is None or self._merged[0] != key:
-            gate = routing.weights.reshape(-1, self.num_experts)[0].to(self.lora_A.dtype)  # [E]
+            gate = routing.merged_gate.to(self.lora_A.dtype)  # [E]
             a_cat = self.lora_A.reshape(-1, self.in_features)  # [E*r, in]
             b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, E*r]
             scale = (gate * self.scaling).repeat_interleave(self.rank)  # [E*r]

@@ -275,7 +275,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         if not torch.is_grad_enabled() and not self.training:
             rows = weights[turn_ids >= 0]  # [tokens, E]
             if rows.shape[0] and bool((rows == rows[0]).all()):
-                routing.merged_key = tuple(rows[0].tolist())
+                routing.merged_gate, routing.merged_key = rows[0], tuple(rows[0].tolist())
         return routing
 
     # ----------------------------------------------------------------- forward

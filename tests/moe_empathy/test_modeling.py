@@ -307,3 +307,17 @@ def test_a_dialogue_continued_on_its_cache_equals_a_full_forward(tokenizer, dial
     with torch.no_grad():
         gate = model(sequence).gate_weights
     torch.testing.assert_close(cache.moe_gate_state.turn_weights, gate, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forced_gate_on_a_left_padded_batch_applies_to_every_row(model, tokenizer, dialogue):
+    """The folded (merged) weight takes its mixture from a real token, never from padding."""
+    batch = encode_chat(tokenizer, [dialogue[:1], dialogue])  # row 0 is left-padded
+    single = encode_chat(tokenizer, dialogue[:1])
+    width = single["input_ids"].shape[1]
+    with torch.no_grad(), model.force_gate("low"):
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = model(input_ids=single["input_ids"]).logits
+    with torch.no_grad(), model.disable_experts():
+        base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(padded, base)
+    torch.testing.assert_close(padded[0, -width:], alone[0], rtol=1e-4, atol=1e-5)
