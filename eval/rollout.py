@@ -126,11 +126,10 @@ class TurnTokens:
         return (self._encode(closing) if closing else []), self._encode(self.user_turn.replace("{}", user, 1))
 
 
-def _left_pad(rows: list[list[int]], value: int | list[int]) -> torch.Tensor:
-    """``[batch, width]`` of rows left-padded with ``value`` (one for all rows, or one per row)."""
+def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """``[batch, width]`` of rows left-padded with ``value``."""
     width = max(len(r) for r in rows)
-    values = value if isinstance(value, list) else [value] * len(rows)
-    return torch.tensor([[v] * (width - len(r)) + r for r, v in zip(rows, values)], dtype=torch.long)
+    return torch.tensor([[value] * (width - len(r)) + r for r in rows], dtype=torch.long)
 
 
 @dataclass
@@ -152,17 +151,12 @@ class _Tokens:
 
 
 def _batch(rows: list[_Tokens], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded ``[batch, width]`` ``input_ids``, ``attention_mask``, ``turn_ids`` and ``gate_mask``.
-
-    Padding takes the turn id of the row's first token rather than -1: it is masked from
-    attention and never read by the gate (``gate_mask`` 0), and a real turn id keeps the
-    model's folded-weight fast path right, which reads the mixture of the batch's very first
-    token (padding would give it an all-zero mixture, i.e. no experts at all).
-    """
+    """Left-padded ``[batch, width]`` ``input_ids``, ``attention_mask``, ``turn_ids`` (-1 on
+    padding) and ``gate_mask``."""
     return {
         "input_ids": _left_pad([r.ids for r in rows], pad_id),
         "attention_mask": _left_pad([[1] * len(r.ids) for r in rows], 0),
-        "turn_ids": _left_pad([r.turns for r in rows], [r.turns[0] for r in rows]),
+        "turn_ids": _left_pad([r.turns for r in rows], -1),
         "gate_mask": _left_pad([r.readable for r in rows], 0),
     }
 
@@ -259,7 +253,7 @@ def rollout_batch(
             out = model.generate(**given, past_key_values=cache, **kwargs)
             prompt_width = inputs["input_ids"].shape[1]
             new = out.sequences[:, prompt_width:]  # [batch, generated]
-            new_turns = torch.full_like(new, turn)  # padding after a stop keeps the turn's id (see _batch)
+            new_turns = torch.full_like(new, turn)  # [batch, generated]
             new_mask = torch.zeros_like(new)
             for b, res in enumerate(results):
                 row = new[b].tolist()
