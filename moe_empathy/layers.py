@@ -9,7 +9,8 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
   forward pre-hook hands to its expert linears for the duration of that layer's call
   (the routing travels as a keyword argument of the decoder layer, so gradient
   checkpointing's recomputation sees the very same gate).
-* Forward dispatch, in order: no routing or experts disabled -> base; a turn-constant
+* Forward dispatch, in order: no routing (experts disabled, or a call outside the gated
+  model) -> base; a turn-constant
   gate with a merged weight ready -> one GEMM with the folded weight; otherwise base
   GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
 """
@@ -81,7 +82,6 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.routing: TokenRouting | None = None
-        self.experts_enabled = True
         self._merged: tuple[tuple, torch.Tensor] | None = None
         self.reset_lora_parameters()
 
@@ -102,7 +102,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
         routing = self.routing
-        if routing is None or not self.experts_enabled:
+        if routing is None:
             return self.base_layer(x)
         if routing.merged_key is not None and not torch.is_grad_enabled():
             return nn.functional.linear(x, self._merged_weight(routing), self.base_layer.bias)
