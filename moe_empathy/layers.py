@@ -10,9 +10,8 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
   (the routing travels as a keyword argument of the decoder layer, so gradient
   checkpointing's recomputation sees the very same gate).
 * Forward dispatch, in order: no routing (experts disabled, or a call outside the gated
-  model) -> base; a turn-constant
-  gate with a merged weight ready -> one GEMM with the folded weight; otherwise base
-  GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
+  model) -> base; one mixture shared by every token, without autograd -> one GEMM with
+  the folded weight; otherwise base GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
 """
 
 from __future__ import annotations
