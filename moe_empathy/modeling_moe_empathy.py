@@ -33,6 +33,7 @@ from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateOutput, GateState, TurnGate, gate_losses
 from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
 from .peft_io import adapters_span, export_expert, import_expert
+from .utils import atomic_write_text
 from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
 COMPACT_WEIGHTS = "experts.safetensors"
@@ -526,7 +527,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             path: the JSON file to write.
         """
         records = [record.__dict__ for record in self.routing_log]
-        _atomic_write_text(Path(path), json.dumps({"expert_names": self.expert_names, "records": records}, indent=1))
+        atomic_write_text(path, json.dumps({"expert_names": self.expert_names, "records": records}, indent=1))
 
     def _log_routing(self, gate: GateOutput, forced: bool) -> None:
         names = self.config.expert_names
@@ -640,10 +641,3 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             model.generation_config = model.generation_config.from_pretrained(path)
         return model
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(staging, path)

@@ -38,6 +38,7 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
+from moe_empathy.utils import atomic_write_text
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
 from .config import TrainConfig, load_config
@@ -313,7 +314,7 @@ class JsonlLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= state.global_step]
-        _atomic_write(self.path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -388,14 +389,6 @@ def _format_metrics(logs: dict) -> str:
 
 
 # --------------------------------------------------------------------- running
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(staging, path)
 
 
 def copy_model_files(checkpoint: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -566,7 +559,7 @@ def run_training(
 
 def write_summary(output_dir: str | os.PathLike, summary: dict) -> None:
     """Writes a run's summary to ``output_dir/summary.json`` (atomically)."""
-    _atomic_write(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
 
 
 def train(
@@ -593,7 +586,7 @@ def train(
     if max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_method(config, output_dir, max_steps, resume)
 
 
