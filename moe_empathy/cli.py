@@ -118,7 +118,7 @@ def plot_gate_over_turns(results: dict, names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2), squeeze=False, layout="constrained")
     for ax, (dialogue, turns) in zip(axes[0], results.items()):
         grid = [[turn["gate"][n] for turn in turns] for n in names]  # [E, turns]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
