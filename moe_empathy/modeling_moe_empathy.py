@@ -338,7 +338,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             return result
         gate = call.output
         if gate_labels is not None:
-            self._check_gate_labels(gate_labels, turn_ids if turn_ids is not None else call.turn_ids)
+            self._check_gate_labels(gate_labels, call.turn_ids)
         losses = gate_losses(gate, gate_labels, self.config.gate_temperature)
         cfg = self.config
         aux = (
@@ -368,15 +368,10 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = attention_mask[:, -shape[1] :]  # the mask also covers cached tokens
         if turn_ids is None:
-            ids = input_ids if input_ids is not None else None
-            if ids is None or self.config.user_turn_marker is None:
-                turn_ids, derived_mask = derive_turn_ids(
-                    reference.new_zeros(shape, dtype=torch.long), None, None, attention_mask, last_turn
-                )
-            else:
-                turn_ids, derived_mask = derive_turn_ids(
-                    ids, self.config.user_turn_marker, self.config.assistant_turn_marker, attention_mask, last_turn
-                )
+            # Without token ids (inputs_embeds) there are no markers to read: the input is one turn.
+            ids = input_ids if input_ids is not None else reference.new_zeros(shape, dtype=torch.long)
+            user, assistant = (self.config.user_turn_marker, self.config.assistant_turn_marker) if input_ids is not None else (None, None)
+            turn_ids, derived_mask = derive_turn_ids(ids, user, assistant, attention_mask, last_turn)
             gate_mask = derived_mask if gate_mask is None else gate_mask
         else:
             validate_turn_ids(turn_ids, shape)
