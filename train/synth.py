@@ -220,11 +220,8 @@ def shift_of(levels: list[str], turn: int) -> str:
 
 # ---------------------------------------------------------------- template backend
 
-_PREFIXES = ("", "", "", "Also, ", "Next, ", "One idea: ", "Another option: ", "Tip: ",
-             "If it helps, ", "Worth knowing: ")
-
-
 _SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+_KEEP_CAPITAL = ("I", "I'm", "I'd", "I'll", "I've")
 
 
 def _capitalise(text: str) -> str:
@@ -232,7 +229,20 @@ def _capitalise(text: str) -> str:
 
 
 def _second_person(text: str) -> str:
-    return re.sub(r"\bmy\b", "your", re.sub(r"\bMy\b", "Your", text))
+    return re.sub(r"\bmy\b", "your", text)
+
+
+def _lower_first(text: str) -> str:
+    """Lower-case the first letter of a template so that it can follow a lead,
+    unless it starts with a placeholder, "I" or an acronym."""
+    word = text.split(" ", 1)[0].rstrip(",;:")
+    if text.startswith("{") or word in _KEEP_CAPITAL or word[1:2].isupper():
+        return text
+    return text[0].lower() + text[1:]
+
+
+def _lead(lead: str, text: str) -> str:
+    return lead + _lower_first(text) if lead else text
 
 
 class _Filler:
@@ -240,17 +250,20 @@ class _Filler:
 
     def __init__(self, plan: DialoguePlan, rng):
         spec = phrases.TASKS[plan.task]
+        slots = {**spec["slots"], **spec["situations"][plan.situation]["slots"]}
         self.user = {
             "name": plan.persona["name"],
             "detail": plan.detail,
             "emotion": plan.emotion,
-            **{slot: rng.choice(options) for slot, options in spec["slots"].items()},
+            "topic": spec["short"],
+            **{slot: rng.choice(options) for slot, options in slots.items()},
         }
-        self.assistant = {**self.user, "detail": _second_person(plan.detail)}
+        self.assistant = {key: _second_person(value) for key, value in self.user.items()}
         self.assistant["topic"] = self.assistant["event"] = spec["topic"].format(**self.assistant)
 
-    def __call__(self, template: str, voice: str = "assistant") -> str:
-        return _capitalise(template.format(**(self.user if voice == "user" else self.assistant)))
+    def __call__(self, template: str, voice: str = "assistant", **extra) -> str:
+        values = self.user if voice == "user" else self.assistant
+        return _capitalise(template.format(**{**values, **extra}))
 
 
 def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
@@ -258,7 +271,7 @@ def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
     style = plan.persona["style"]
     state, previous = plan.states[turn], plan.states[turn - 1] if turn else None
     if turn == 0:
-        asks = spec["situations"][plan.situation][0]
+        asks = spec["situations"][plan.situation]["asks"]
         greeting, ask = rng.choice(phrases.GREETINGS[style]), filler(rng.choice(asks), "user")
         if greeting and greeting[-1] not in ".!?":
             ask = ask[0].lower() + ask[1:] if not ask.startswith("I ") else ask
@@ -266,50 +279,132 @@ def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
     elif state == previous:
         text = filler(rng.choice(spec["followups"]), "user")
         if state in ("upset", "distressed") and rng.random() < 0.3:
-            text = f"I'm still {plan.emotion}. {text}"
+            text = f"{filler(rng.choice(phrases.STILL), 'user')} {text}"
     elif STATE_OFFSET[state] > STATE_OFFSET[previous] and state != "neutral" and not used_trigger:
         trigger, event = spec["triggers"][plan.trigger]
         filler.assistant["event"] = event.format(**filler.assistant)
         return filler(trigger, "user"), True
     elif STATE_OFFSET[state] > STATE_OFFSET[previous]:
-        text = f"{rng.choice(phrases.RELAPSE)} I'm {plan.emotion}."
+        text = filler(rng.choice(phrases.RELAPSE[style]), "user")
     elif state == "steady":
-        text = rng.choice(phrases.PRACTICAL)
+        text = filler(rng.choice(phrases.PRACTICAL[style]), "user")
     else:
-        text = rng.choice(phrases.CALMER).format(topic=spec["short"])
+        text = filler(rng.choice(phrases.CALMER[style]), "user")
     if style == "casual" and not text.startswith("I "):
         text = text[0].lower() + text[1:]
     return (text + rng.choice(phrases.FILLERS[style])).strip(), used_trigger
 
 
-def _empathy(filler, rng, mechanism: str, strength: int) -> str:
-    sentence = filler(rng.choice(phrases.EMPATHY[mechanism][strength]))
-    if rng.random() < 0.25 and filler.assistant["name"] not in sentence:
-        head = sentence if sentence.startswith(("I ", "I'")) else sentence[0].lower() + sentence[1:]
-        sentence = f"{filler.assistant['name']}, {head}"
-    return sentence
+def _empathy(rng, mechanism: str, strength: int, named: bool) -> str:
+    """One sentence (a template) of a mechanism at a strength, composed from a frame's pieces.
+
+    Args:
+        rng: the dialogue's random stream.
+        mechanism: one of ``taxonomy.MECHANISMS``.
+        strength: 1 (weak) or 2 (strong).
+        named: the reply already addresses the user by name, so this sentence does not.
+    """
+    text = ""
+    for options in rng.choice(phrases.EMPATHY[mechanism][strength]):
+        piece = rng.choice(options)
+        if "{name}" in piece and (named or "{name}" in text):
+            piece = next(o for o in options if "{name}" not in o)
+        if piece:
+            text += piece if not text or piece[0] in ",;:.!?" else " " + piece
+    return text
 
 
-def _assistant_message(plan, turn, filler, rng, help_queue) -> str:
-    strengths = plan.mechanisms[turn]
-    parts = []
-    if strengths["emotional_reaction"]:
-        parts.append(_empathy(filler, rng, "emotional_reaction", strengths["emotional_reaction"]))
+def _is_step(item: str) -> bool:
+    return item[0].islower()
+
+
+def _after(opener: str, lead: str) -> str:
+    # a lead that announces a sentence ("try this:") does not follow an opener
+    return "" if opener and ":" in lead else lead
+
+
+def _advice(rng, items: list[tuple[str, str]], opener: str, context: str) -> str:
+    """The helpful part of a reply (a template): one or two items with leads and connectives.
+
+    Args:
+        rng: the dialogue's random stream.
+        items: (paraphrase, kind) pairs in order; a paraphrase is a step or a full
+            sentence, kind is ``situation``, ``extra`` or ``repeat`` (said before).
+        opener: what comes before the first item ("" for nothing).
+        context: the task's lead placing advice in the scenario's detail.
+    """
+    (first, kind), rest = items[0], items[1:]
+    if kind == "repeat":
+        lead = rng.choice(phrases.RECAPS)
     else:
-        parts.append(rng.choice(phrases.NEUTRAL_OPENERS))
-    if strengths["interpretation"]:
-        parts.append(_empathy(filler, rng, "interpretation", strengths["interpretation"]))
-    for _ in range(rng.choice((1, 1, 2))):
+        lead = rng.choice(phrases.STEP_LEADS if _is_step(first) else phrases.SENTENCE_LEADS)
+    if rng.random() < 0.3:
+        opener = _lead(opener, context)
+    text = _lead(_after(opener, lead), first)
+    if _is_step(first) and rest and _is_step(rest[0][0]) and rest[0][1] == kind and rng.random() < 0.5:
+        text += rng.choice(phrases.STEP_JOINS) + rest.pop(0)[0]
+    sentences = [_lead(opener, text + ("." if _is_step(first) else ""))]
+    for item, kind in rest:
+        if kind == "repeat":
+            connective = rng.choice(phrases.RECAPS)
+        else:
+            connective = rng.choice(phrases.STEP_CONNECTIVES if _is_step(item) else phrases.SENTENCE_CONNECTIVES)
+        sentences.append(_lead(connective, item) + ("." if _is_step(item) else ""))
+    return " ".join(sentences)
+
+
+def _next_help(plan, rng, help_queue: list, said: set, count: int) -> list[tuple[str, str]]:
+    """Take the next ``count`` items of helpful content, refilling the queue with
+    the task's general items when it runs dry, and pick a paraphrase of each.
+
+    Args:
+        plan: the dialogue's plan.
+        rng: the dialogue's random stream.
+        help_queue: items still to say, situation items first.
+        said: items said so far in the dialogue (updated).
+        count: how many items.
+
+    Returns:
+        (paraphrase, kind) pairs, kind as in :func:`_advice`.
+    """
+    situation = phrases.TASKS[plan.task]["situations"][plan.situation]["help"]
+    chosen = []
+    for _ in range(count):
         if not help_queue:
             extra = list(phrases.TASKS[plan.task]["extra_help"])
             rng.shuffle(extra)
             help_queue.extend(extra)
-        sentence = filler(help_queue.pop(0))
-        prefix = rng.choice(_PREFIXES)
-        parts.append(prefix + sentence[0].lower() + sentence[1:] if prefix else sentence)
+        item = help_queue.pop(0)
+        kind = "repeat" if item in said else "situation" if item in situation else "extra"
+        said.add(item)
+        chosen.append((rng.choice(item), kind))
+    return chosen
+
+
+def _assistant_message(plan, turn, filler, rng, help_queue, said) -> str:
+    strengths = plan.mechanisms[turn]
+    feeling = []
+    for mechanism in ("emotional_reaction", "interpretation"):
+        if strengths[mechanism]:
+            named = any("{name}" in sentence for sentence in feeling)
+            feeling.append(_empathy(rng, mechanism, strengths[mechanism], named))
+    if len(feeling) == 2 and rng.random() < 0.3:
+        feeling.reverse()
+    if not feeling:
+        opener = rng.choice(phrases.NEUTRAL_OPENERS)
+    elif rng.random() < 0.5 and feeling[-1][-1] == "." and len(feeling[-1]) < 40:
+        # a short reaction runs on into the advice
+        opener = feeling.pop()[:-1] + rng.choice(phrases.RUN_ONS)
+    else:
+        opener = rng.choice(phrases.BRIDGES) if rng.random() < 0.3 else ""
+    spec = phrases.TASKS[plan.task]
+    items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
+    parts = feeling + [_advice(rng, items, opener, spec["context"])]
     if strengths["exploration"]:
-        parts.append(_empathy(filler, rng, "exploration", strengths["exploration"]))
-    return " ".join(p for p in parts if p)
+        named = any("{name}" in part for part in parts)
+        parts.append(_empathy(rng, "exploration", strengths["exploration"], named))
+    about = rng.choice(spec["about"]).format(**filler.assistant)
+    return filler(" ".join(parts), emotion=rng.choice(phrases.EMOTION_ECHOES[plan.emotion]), about=about)
 
 
 def render_template(plan: DialoguePlan) -> dict:
@@ -323,13 +418,13 @@ def render_template(plan: DialoguePlan) -> dict:
     """
     rng = random.Random(plan.seed + ":text")
     filler = _Filler(plan, rng)
-    help_queue = list(phrases.TASKS[plan.task]["situations"][plan.situation][1])
-    used_trigger = False
+    help_queue = list(phrases.TASKS[plan.task]["situations"][plan.situation]["help"])
+    said, used_trigger = set(), False
     turns = []
     for turn in range(len(plan.states)):
         text, used_trigger = _user_message(plan, turn, filler, rng, used_trigger)
         turns.append(user_turn(text, plan.states[turn]))
-        reply = _assistant_message(plan, turn, filler, rng, help_queue)
+        reply = _assistant_message(plan, turn, filler, rng, help_queue, said)
         turns.append(assistant_turn(reply, plan, turn))
     return record(plan, turns, backend="template")
 
