@@ -319,11 +319,11 @@ def _is_step(item: str) -> bool:
 
 
 def _after(opener: str, lead: str) -> str:
-    # a lead that announces a sentence ("try this:") does not follow an opener
-    return "" if opener and ":" in lead else lead
+    # after an opener, only leads that complete a step ("you could") are kept
+    return "" if opener and (":" in lead or lead.endswith(", ")) else lead
 
 
-def _advice(rng, items: list[tuple[str, str]], opener: str, context: str) -> str:
+def _advice(rng, items: list[tuple[str, str]], opener: str, context: str, named: bool) -> str:
     """The helpful part of a reply (a template): one or two items with leads and connectives.
 
     Args:
@@ -332,21 +332,24 @@ def _advice(rng, items: list[tuple[str, str]], opener: str, context: str) -> str
             sentence, kind is ``situation``, ``extra`` or ``repeat`` (said before).
         opener: what comes before the first item ("" for nothing).
         context: the task's lead placing advice in the scenario's detail.
+        named: the reply already addresses the user by name, so no lead does.
     """
     (first, kind), rest = items[0], items[1:]
     if kind == "repeat":
         lead = rng.choice(phrases.RECAPS)
     else:
         lead = rng.choice(phrases.STEP_LEADS if _is_step(first) else phrases.SENTENCE_LEADS)
-    if rng.random() < 0.3:
+    if rng.random() < 0.4:
         opener = _lead(opener, context)
+    if named or "{name}" in opener:
+        lead = "" if "{name}" in lead else lead
     text = _lead(_after(opener, lead), first)
     if _is_step(first) and rest and _is_step(rest[0][0]) and rest[0][1] == kind and rng.random() < 0.5:
         text += rng.choice(phrases.STEP_JOINS) + rest.pop(0)[0]
     sentences = [_lead(opener, text + ("." if _is_step(first) else ""))]
     for item, kind in rest:
         if kind == "repeat":
-            connective = rng.choice(phrases.RECAPS)
+            connective = rng.choice(phrases.RECAPS).replace("{name}, ", "")
         else:
             connective = rng.choice(phrases.STEP_CONNECTIVES if _is_step(item) else phrases.SENTENCE_CONNECTIVES)
         sentences.append(_lead(connective, item) + ("." if _is_step(item) else ""))
@@ -399,7 +402,8 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said) -> str:
         opener = rng.choice(phrases.BRIDGES) if rng.random() < 0.3 else ""
     spec = phrases.TASKS[plan.task]
     items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
-    parts = feeling + [_advice(rng, items, opener, spec["context"])]
+    named = any("{name}" in part for part in feeling)
+    parts = feeling + [_advice(rng, items, opener, spec["context"], named)]
     if strengths["exploration"]:
         named = any("{name}" in part for part in parts)
         parts.append(_empathy(rng, "exploration", strengths["exploration"], named))
