@@ -56,7 +56,7 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
     parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap")
-    parser.add_argument("--batch-size", type=int, default=8, help="dialogues generated together")
+    parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together (of equal length; every system plays a mixed batch)")
     parser.add_argument("--mode", choices=MODES, default="cached", help="carry the KV cache across turns, or re-encode every turn")
     parser.add_argument("--compare-reencode", action="store_true", help="also time the gated system (else the first) re-encoding every turn, and check it gives the same replies")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")

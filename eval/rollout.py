@@ -22,8 +22,9 @@ from itertools import groupby
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from moe_empathy.cache import GrowingCache
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
 from .systems import EvalSystem
@@ -185,7 +186,7 @@ def rollout_batch(
     stats: RolloutStats | None = None,
     on_turn=None,
 ) -> list[DialogueRollout]:
-    """Plays one batch of dialogues with the same number of turns and the same group key.
+    """Plays one batch of dialogues with the same number of turns.
 
     Args:
         system: the system that answers.
@@ -202,10 +203,9 @@ def rollout_batch(
     if mode not in MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; choose from {MODES}")
     counts = {len(r["turns"]) // 2 for r in records}
-    keys = {system.group_key(r) for r in records}
-    if len(counts) != 1 or len(keys) != 1:
-        raise ValueError(f"a rollout batch needs dialogues of one length and one group; got lengths {sorted(counts)}, groups {sorted(keys)}")
-    num_turns, key = counts.pop(), keys.pop()
+    if len(counts) != 1:
+        raise ValueError(f"a rollout batch needs dialogues of one length; got lengths {sorted(counts)}")
+    num_turns = counts.pop()
     model = system.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
@@ -223,16 +223,17 @@ def rollout_batch(
         for i, r in enumerate(records)
     ]
     names = getattr(model, "expert_names", None)
-    forced = [float(n == system.forced_expert(key)) for n in names] if system.forced_expert else None
+    # The one-hot mixture of each row's selected expert, for systems that select one.
+    forced = [[float(n == system.forced_expert(r)) for n in names] for r in records] if system.forced_expert else None
     real = [_Tokens() for _ in records]  # every row's tokens so far, without padding
     stops = [""] * len(records)  # the token text that ended each row's last reply
-    cache = DynamicCache(config=model.config.get_text_config()) if mode == "cached" else None
+    cache = GrowingCache(model.config.get_text_config()) if mode == "cached" else None
     carried: dict[str, torch.Tensor] | None = None  # cached mode: the batch so far, padding holes masked
     # Turns are given explicitly to a gated model, so that a reply's content can never open a turn.
     with_turns = isinstance(model, MoeEmpathyForCausalLM)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(eos_ids), return_dict_in_generate=True)
     start = time.perf_counter()
-    with system.routing(key), torch.no_grad():
+    with system.routing(records), torch.no_grad():
         for turn in range(num_turns):
             chunks = []
             for b, (r, res) in enumerate(zip(records, results)):
@@ -265,7 +266,7 @@ def rollout_batch(
                 res.replies.append(tokenizer.decode(row[:length], skip_special_tokens=True).strip())
                 if res.gate is not None:
                     state = (cache if mode == "cached" else out.past_key_values).moe_gate_state
-                    res.gate.append(forced if forced is not None else state.turn_weights[b, turn].tolist())
+                    res.gate.append(forced[b] if forced is not None else state.turn_weights[b, turn].tolist())
             if mode == "cached":
                 carried = {
                     "input_ids": out.sequences,
@@ -283,17 +284,16 @@ def rollout_batch(
     return results
 
 
-def make_batches(system: EvalSystem, records: list[dict], batch_size: int) -> list[list[int]]:
-    """Indices of the records in each batch: equal group key and length, in stable order.
+def make_batches(records: list[dict], batch_size: int) -> list[list[int]]:
+    """Indices of the records in each batch: equal length, in stable order.
 
     Args:
-        system: the system (its ``group_key``).
         records: checked dialogue records.
         batch_size: the most dialogues per batch.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    key = lambda i: (system.group_key(records[i]), len(records[i]["turns"]))  # noqa: E731
+    key = lambda i: len(records[i]["turns"])  # noqa: E731
     batches = []
     for _, group in groupby(sorted(range(len(records)), key=key), key=key):
         group = list(group)
@@ -319,7 +319,7 @@ def rollout(
     systems: list[EvalSystem],
     records: list[dict],
     tokenizer: PreTrainedTokenizerBase,
-    batch_size: int = 8,
+    batch_size: int = 40,
     max_new_tokens: int = 48,
     mode: str = "cached",
     progress: Progress | None = None,
@@ -352,7 +352,7 @@ def rollout(
     for system in systems:
         stats[system.name] = RolloutStats(mode)
         played: dict[int, DialogueRollout] = {}
-        for batch in make_batches(system, records, batch_size):
+        for batch in make_batches(records, batch_size):
             out = rollout_batch(system, [records[i] for i in batch], tokenizer, max_new_tokens, mode, stats[system.name], advance)
             played.update(zip(batch, out))
         results[system.name] = [played[i] for i in range(len(records))]

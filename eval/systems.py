@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -57,11 +57,9 @@ class EvalSystem:
         model: the model that generates the replies.
         description: one line for the report (what the system is and where it came from).
         system_message: the system prompt for a dialogue record, or None for none.
-        group_key: rollouts batch together only dialogues with equal keys (a forced expert
-            applies to a whole batch).
-        routing: a context manager for a batch's generation, given the batch's group key.
+        routing: a context manager for a batch's generation, given the batch's records.
         gated: True when the model's own gate chooses (its per-turn weights are recorded).
-        forced_expert: the expert selected for a group key, for systems that select one.
+        forced_expert: the expert selected for a dialogue record, for systems that select one.
         sources: where the system's weights came from (for the report).
     """
 
@@ -69,10 +67,9 @@ class EvalSystem:
     model: PreTrainedModel
     description: str
     system_message: Callable[[dict], str | None] = lambda record: None
-    group_key: Callable[[dict], str] = lambda record: ""
-    routing: Callable[[str], ContextManager] = lambda key: nullcontext()
+    routing: Callable[[list[dict]], ContextManager] = lambda records: nullcontext()
     gated: bool = False
-    forced_expert: Callable[[str], str] | None = None
+    forced_expert: Callable[[dict], str] | None = None
     sources: dict = field(default_factory=dict)
 
 
@@ -215,7 +212,7 @@ def build_systems(
     systems = []
     for name in names:
         if name == "base":
-            systems.append(EvalSystem(name, model, "base model (experts disabled)", routing=lambda key: model.disable_experts()))
+            systems.append(EvalSystem(name, model, "base model (experts disabled)", routing=lambda records: model.disable_experts()))
         elif name == "system_prompt":
             systems.append(
                 EvalSystem(
@@ -223,7 +220,7 @@ def build_systems(
                     model,
                     "base model told the task's empathy level in a system prompt",
                     system_message=lambda record: level_system_prompt(record["task_level"]),
-                    routing=lambda key: model.disable_experts(),
+                    routing=lambda records: model.disable_experts(),
                 )
             )
         elif name == "single_lora":
@@ -250,21 +247,11 @@ def build_systems(
                     name,
                     chooser,
                     description,
-                    group_key=lambda record: record["task_level"],
-                    routing=_forcer(chooser),
-                    forced_expert=lambda key: key,
+                    routing=lambda records, chooser=chooser: chooser.force_gate([r["task_level"] for r in records]),
+                    forced_expert=lambda record: record["task_level"],
                     sources={"experts": str(folder) if folder else "gated model's experts"},
                 )
             )
         else:
             systems.append(EvalSystem(name, model, "the gated model, choosing its experts per turn", gated=True))
     return systems
-
-
-def _forcer(model: MoeEmpathyForCausalLM) -> Callable[[str], ContextManager]:
-    @contextmanager
-    def routing(level: str):
-        with model.force_gate(level):
-            yield
-
-    return routing

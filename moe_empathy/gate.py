@@ -168,7 +168,8 @@ class TurnGate(nn.Module):
             turn_ids: ``[batch, seq]`` exchange index of each token, -1 on padding.
             gate_mask: ``[batch, seq]`` 1 where the gate may read.
             state: carried from the previous forward when a KV cache is reused.
-            forced: ``[E]`` weights to use for every turn instead of the gate's own.
+            forced: ``[E]`` weights to use for every turn instead of the gate's own, or
+                ``[batch, E]`` one mixture per row.
         """
         batch = hidden.shape[0]
         device = hidden.device
@@ -187,7 +188,10 @@ class TurnGate(nn.Module):
         logits = None
         memory = state.memory if state is not None else None
         if forced is not None:
-            weights = forced.float().to(device).expand(batch, num_turns, -1).clone()
+            if forced.dim() == 2 and forced.shape[0] != batch:
+                raise ValueError(f"force_gate was given {forced.shape[0]} per-row mixtures for a batch of {batch} rows")
+            rows = forced.float().to(device).view(-1, 1, self.num_experts)  # [batch or 1, 1, E]
+            weights = rows.expand(batch, num_turns, -1).clone()
         elif fresh.any():
             pooled, counts = self.pool_turns(hidden, turn_ids, gate_mask, num_turns)
             ctx, memory = self.contexts(pooled, counts, carried, state)

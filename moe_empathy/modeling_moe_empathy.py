@@ -73,7 +73,7 @@ class _GateCall:
     turn_ids: torch.Tensor  # [batch, seq]
     gate_mask: torch.Tensor  # [batch, seq]
     state: GateState | None
-    forced: torch.Tensor | None  # [E]
+    forced: torch.Tensor | None  # [E], or [batch, E] one mixture per row
     output: GateOutput | None = None
     routing: TokenRouting | None = None
 
@@ -455,33 +455,42 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
     def expert_names(self) -> list[str]:
         return list(self.config.expert_names)
 
-    def _forced_weights(self, spec: str | Sequence[float] | Mapping[str, float] | torch.Tensor) -> torch.Tensor:
+    def _forced_weights(self, spec) -> torch.Tensor:
+        """``[E]`` weights for every row, or ``[batch, E]`` one mixture per row."""
         names = self.config.expert_names
-        if isinstance(spec, str):
-            if spec not in names:
-                raise ValueError(f"unknown expert {spec!r}; the experts are {names}")
-            return torch.eye(len(names))[names.index(spec)]
+        one_name = isinstance(spec, str)
+        if one_name or (isinstance(spec, Sequence) and len(spec) and all(isinstance(n, str) for n in spec)):
+            chosen = [spec] if one_name else list(spec)
+            unknown = sorted(set(chosen) - set(names))
+            if unknown:
+                raise ValueError(f"unknown expert(s) {unknown}; the experts are {names}")
+            weights = torch.eye(len(names))[[names.index(n) for n in chosen]]  # [rows, E]
+            return weights[0] if one_name else weights
         if isinstance(spec, Mapping):
             unknown = set(spec) - set(names)
             if unknown:
                 raise ValueError(f"unknown experts {sorted(unknown)}; the experts are {names}")
             spec = [float(spec.get(name, 0.0)) for name in names]
-        weights = torch.as_tensor(spec, dtype=torch.float32).flatten()
-        if weights.numel() != len(names):
-            raise ValueError(f"force_gate needs {len(names)} weights, one per expert {names}; got {weights.numel()}")
+        weights = torch.as_tensor(spec, dtype=torch.float32)
+        if weights.dim() > 2 or weights.shape[-1:] != (len(names),):
+            raise ValueError(
+                f"force_gate needs {len(names)} weights, one per expert {names}, or a [batch, {len(names)}] tensor "
+                f"of one mixture per row; got shape {tuple(weights.shape)}"
+            )
         if not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError(f"force_gate weights must be finite and >= 0, got {weights.tolist()}")
-        if abs(float(weights.sum()) - 1.0) > 1e-4:
-            raise ValueError(f"force_gate weights must sum to 1, got {weights.tolist()} (sum {float(weights.sum()):.6f})")
+        if (weights.sum(-1) - 1.0).abs().max() > 1e-4:
+            raise ValueError(f"force_gate weights must sum to 1 (per row), got {weights.tolist()}")
         return weights
 
     @contextmanager
-    def force_gate(self, expert: str | Sequence[float] | Mapping[str, float] | torch.Tensor) -> Iterator["MoeEmpathyForCausalLM"]:
+    def force_gate(self, expert: str | Sequence[str] | Sequence[float] | Mapping[str, float] | torch.Tensor) -> Iterator["MoeEmpathyForCausalLM"]:
         """Uses a fixed mixture for every turn: one expert by name (external selection, as in
-        the paper) or weights over all experts (a list, a tensor, or ``{name: weight}``).
+        the paper) or weights over all experts (a list, a tensor, or ``{name: weight}``); or one
+        choice per row of the batch: a list of expert names or a ``[batch, E]`` tensor.
 
         Args:
-            expert: an expert name or mixture weights (>= 0, summing to 1).
+            expert: an expert name, mixture weights (>= 0, summing to 1), or one of either per row.
         """
         weights = self._forced_weights(expert)
         previous, self._forced = self._forced, weights

@@ -203,6 +203,7 @@ def test_force_gate_mixture_and_errors(model, tokenizer, dialogue):
     for bad, message in [
         ("joyful", "unknown expert"),
         ([0.5, 0.5], "needs 3 weights"),
+        (torch.ones(2, 2, 3) / 3, "needs 3 weights"),
         ([1.5, -0.5, 0.0], ">= 0"),
         ([0.2, 0.2, 0.2], "sum to 1"),
         ({"nope": 1.0}, "unknown experts"),
@@ -210,6 +211,29 @@ def test_force_gate_mixture_and_errors(model, tokenizer, dialogue):
         with pytest.raises(ValueError, match=message):
             with model.force_gate(bad):
                 pass
+
+
+def test_force_gate_per_row_equals_each_row_forced_alone(model, tokenizer, dialogue):
+    """One batch with a different expert forced in each row (external selection by task)."""
+    batch = encode_chat(tokenizer, [dialogue[:3], dialogue, dialogue[:1]])  # rows 0 and 2 left-padded
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    choices = ["high", "low", "medium"]
+    with torch.no_grad():
+        with model.force_gate(choices):
+            mixed = model(**inputs)
+        for row, name in enumerate(choices):
+            with model.force_gate(name):
+                alone = model(**inputs)
+            torch.testing.assert_close(mixed.logits[row], alone.logits[row], rtol=1e-5, atol=1e-6)
+            assert mixed.gate_weights[row, :, model.expert_names.index(name)].max() == 1
+        with model.force_gate(torch.eye(3)[[2, 0, 1]]):
+            assert torch.equal(model(**inputs).logits, mixed.logits)
+    with pytest.raises(ValueError, match="2 per-row mixtures for a batch of 3"):
+        with torch.no_grad(), model.force_gate(["low", "high"]):
+            model(**inputs)
+    with pytest.raises(ValueError, match=r"unknown expert\(s\) \['joyful'\]"):
+        with model.force_gate(["low", "joyful"]):
+            pass
 
 
 def test_bad_turn_ids_are_refused(model, tokenizer, dialogue):
