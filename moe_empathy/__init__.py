@@ -6,6 +6,7 @@ Importing the package registers the model with ``AutoConfig`` and ``AutoModelFor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .base import DEFAULT_BASE_ID, load_default_base
+from .cache import GrowingCache
 from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateState, TurnGate
 from .layers import MultiLoraLinear
@@ -18,6 +19,7 @@ AutoModelForCausalLM.register(MoeEmpathyConfig, MoeEmpathyForCausalLM, exist_ok=
 __all__ = [
     "DEFAULT_BASE_ID",
     "GateState",
+    "GrowingCache",
     "MoeEmpathyCausalLMOutputWithPast",
     "MoeEmpathyConfig",
     "MoeEmpathyForCausalLM",
