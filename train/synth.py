@@ -649,9 +649,18 @@ def write_corpus(by_split: dict[str, list[dict]], out: str | Path, settings: dic
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is false.
+        ValueError: a split has no dialogue (``datasets`` cannot save an empty split).
     """
     from datasets import Dataset, DatasetDict
 
+    empty = [name for name, records in by_split.items() if not records]
+    if empty:
+        total = sum(len(records) for records in by_split.values())
+        raise ValueError(
+            f"{total} dialogues leave the split(s) {empty} empty (splits are drawn by scenario, about 80/10/10); "
+            "ask for more dialogues with --dialogues (a few dozen fill every split; the llm backend keeps the "
+            "dialogues it finished in OUT.partial.jsonl and reuses them)"
+        )
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,11 @@ def test_reply_wording_matches_its_mechanism_labels(varied):
             assert (mechanisms["exploration"] > 0) == reply["content"].endswith("?")
             assert reply["content"].count("?") <= 1
             assert "  " not in reply["content"] and "{" not in reply["content"]
+
+
+def test_a_corpus_with_an_empty_split_is_refused_before_writing(tmp_path):
+    by_split = generate(SynthConfig(dialogues=8, min_turns=2, max_turns=3, seed=0))
+    assert any(not records for records in by_split.values()), "the test needs an empty split"
+    with pytest.raises(ValueError, match=r"empty .*--dialogues"):
+        write_corpus(by_split, tmp_path / "corpus", {"backend": "template"})
+    assert not (tmp_path / "corpus").exists()
