@@ -7,6 +7,9 @@ A config file has four sections and one top-level key::
     data: {...}              # DataSection
     training: {...}          # TrainingSection
 
+``extends: OTHER.yaml`` (a path relative to the file) starts from another config and
+overrides only the keys given, section by section.
+
 Unknown keys, values of the wrong type and a data path that neither exists nor can be
 synthesised are errors whose message names the key and the fix.
 """
@@ -285,20 +288,39 @@ def config_from_dict(values: dict, check_paths: bool = True) -> TrainConfig:
     return config
 
 
+def _merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, merging nested mappings key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_values(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping of ``path``, with its ``extends`` chain resolved."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see train/configs/ for examples")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` loops back to a config already read: {' -> '.join(map(str, seen))}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    parent = values.pop("extends", None) if isinstance(values, dict) else None
+    if parent is None:
+        return values
+    return _merge(_read_values(path.parent / str(parent), seen + (path.resolve(),)), values)
+
+
 def load_config(path: str | Path, check_paths: bool = True) -> TrainConfig:
-    """Reads a YAML training config.
+    """Reads a YAML training config (and the configs it ``extends``).
 
     Args:
         path: the YAML file.
         check_paths: also check that the data exists (or can be synthesised).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found; see train/configs/ for examples")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    values = _read_values(path)
     try:
         return config_from_dict(values, check_paths=check_paths)
     except ConfigError as err:

@@ -23,7 +23,7 @@ def _values(tmp_path, **changes) -> dict:
     return values
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2", "llama-8b-fsdp"])
+@pytest.mark.parametrize("name", ["tiny", "smollm2", "smollm2-single-lora", "smollm2-per-level", "llama-8b-fsdp"])
 def test_shipped_configs_parse(name):
     config = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
     assert isinstance(config, TrainConfig)
@@ -92,3 +92,25 @@ def test_load_config_names_the_file(tmp_path):
     path.write_text("method: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_extends_overrides_only_the_keys_given(tmp_path):
+    parent = _values(tmp_path)
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"extends": "parent.yaml", "method": "single_lora", "training": {"max_steps": 7}})
+    )
+    child, base = load_config(tmp_path / "child.yaml"), load_config(tmp_path / "parent.yaml")
+    assert (child.method, child.training.max_steps) == ("single_lora", 7)
+    assert child.training.learning_rate == base.training.learning_rate
+    assert child.model == base.model and child.data == base.data
+
+
+def test_extends_errors_name_the_problem(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_config(tmp_path / "c.yaml")
