@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from moe_empathy.utils import atomic_path
 
 from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
 from .metrics import TOLERANCE, build_table, check_targets, compute_metrics, score_rollouts
@@ -245,13 +245,7 @@ def run_inspect(args: argparse.Namespace) -> list[list[float]]:
     png = Path(args.png) if args.png else Path(f"{Path(args.dialogue).stem}.gate.png")
     levels = [t.get("level") for t in replies]
     shown = DialogueRollout("inspect", name, record.get("task", ""), record.get("task_level", ""), users=[], levels=levels, gate=weights)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{png.stem}.", suffix=".png", dir=png.parent)
-    os.close(handle)
-    try:
-        plot_gate_heatmaps([shown], names, Path(staging), count=1)
-        os.replace(staging, png)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+    with atomic_path(png) as staging:
+        plot_gate_heatmaps([shown], names, staging, count=1)
     console.print(f"wrote {png}")
     return weights

@@ -7,17 +7,18 @@ at the end, so an interrupted run never leaves a half-written report.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from moe_empathy.utils import check_output_dir as check_output
+from moe_empathy.utils import replace_output_dir
+
 from .metrics import BUCKETS, LEVEL_TARGET, TOLERANCE, EvalTable, gate_choices
 from .rollout import DialogueRollout
 
+OUTPUT_KIND = "eval run"  # recorded in the output folder's marker (see moe_empathy.utils.replace_output_dir)
 PLOTS = {
     "empathy": "empathy_by_turn.png",
     "heatmaps": "gate_heatmaps.png",
@@ -26,18 +27,13 @@ PLOTS = {
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuses an existing output folder unless ``overwrite``.
+    """Refuses an output folder that :func:`write_outputs` may not fill (before any work is done).
 
     Args:
         out: the output folder.
-        overwrite: replace it when it exists.
+        overwrite: replace an earlier report of ``eval run`` there.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-    return out
+    return check_output(out, overwrite, OUTPUT_KIND)
 
 
 def _pyplot():
@@ -298,12 +294,10 @@ def write_outputs(
         metrics: the metrics tree (``settings``, ``scorers``, ``targets``...).
         rollouts: ``{system: rollouts}``.
         table: the aligned arrays (scores per reply go into ``rollouts.jsonl``).
-        overwrite: replace an existing folder.
+        overwrite: replace an earlier report of ``eval run`` (no other folder is replaced).
     """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(out)
+    with replace_output_dir(out, overwrite, OUTPUT_KIND) as staging:
         primary = metrics["settings"]["scorers"][0]
         systems = metrics["scorers"][primary]
         plot_empathy_by_turn(systems, staging / PLOTS["empathy"], metrics["settings"]["tolerance"])
@@ -321,12 +315,4 @@ def write_outputs(
                     if r.gate is not None:
                         row["chosen"] = [table.expert_names[i] for i in gate_choices(np.array(r.gate)[None])[0]]
                     handle.write(json.dumps(row) + "\n")
-        if out.exists():
-            check_output_dir(out, overwrite)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

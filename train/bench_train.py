@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from moe_empathy.utils import atomic_write_text
+
 from .baselines import encode_splits, ensure_corpus, gated_model, load_base_model, load_tokenizer, lora_model
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
 from .config import load_config
@@ -127,7 +129,7 @@ def run_bench(config_path: str, steps: int, warmup: int, output: str | None) -> 
     padding = result["padding_fraction"]
     console.print(f"padding fraction over one epoch: length buckets {padding['bucket']:.3f}, pad to longest {padding['pad']:.3f}")
     if output:
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(output, json.dumps(result, indent=1) + "\n")
     return result
 
 

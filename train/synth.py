@@ -15,18 +15,19 @@ import hashlib
 import json
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moe_empathy.utils import check_output_dir, replace_output_dir
 
 from . import phrases
 from .taxonomy import LEVELS, MECHANISMS, STATE_OFFSET, TASKS, get_task, level_of, target_level
 
 SPLITS = ("train", "validation", "test")
 MAX_TURNS = 40
+OUTPUT_KIND = "synth"  # recorded in the output folder's marker (see moe_empathy.utils.replace_output_dir)
 
 
 @dataclass
@@ -636,19 +637,21 @@ def write_corpus(by_split: dict[str, list[dict]], out: str | Path, settings: dic
     """Write a corpus as DatasetDict, JSONL and card, atomically.
 
     Everything is written to a temporary folder beside ``out`` and renamed into
-    place at the end, so ``out`` is either untouched or complete.
+    place at the end, so ``out`` is either untouched or complete; only an earlier corpus
+    written by this command is ever replaced.
 
     Args:
         by_split: split name -> dialogue records.
         out: the output folder.
         settings: shown in the card.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an earlier corpus in ``out``.
 
     Returns:
         the statistics written to the card (also saved as ``stats.json``).
 
     Raises:
-        FileExistsError: ``out`` exists and ``overwrite`` is false.
+        FileExistsError: ``out`` exists and is not empty, and ``overwrite`` is false or it is
+            not an earlier corpus of ``moe-empathy synth`` (see :func:`moe_empathy.utils.check_output_dir`).
         ValueError: a split has no dialogue (``datasets`` cannot save an empty split).
     """
     from datasets import Dataset, DatasetDict
@@ -661,11 +664,7 @@ def write_corpus(by_split: dict[str, list[dict]], out: str | Path, settings: dic
             "ask for more dialogues with --dialogues (a few dozen fill every split; the llm backend keeps the "
             "dialogues it finished in OUT.partial.jsonl and reuses them)"
         )
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replace_output_dir(out, overwrite, OUTPUT_KIND) as tmp:
         schema = features()
         DatasetDict({
             name: Dataset.from_list(records, features=schema) for name, records in by_split.items()
@@ -678,30 +677,7 @@ def write_corpus(by_split: dict[str, list[dict]], out: str | Path, settings: dic
         stats = corpus_stats(by_split)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (tmp / "README.md").write_text(dataset_card(stats, settings))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "out")
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return stats
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output folder unless asked to.
-
-    Args:
-        out: the output folder.
-        overwrite: whether replacing it is allowed.
-    """
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a folder; choose another --out")
 
 
 # ---------------------------------------------------------------- command line
@@ -725,7 +701,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="llm backend: folder of a local Hugging Face chat model (default: embedded SmolLM2)")
     p.add_argument("--batch-size", type=int, default=8, help="llm backend: dialogues generated together")
     p.add_argument("--max-new-tokens", type=int, default=96, help="llm backend: tokens per message")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier corpus written by this command in --out")
     p.set_defaults(func=run_synth)
     return p
 
@@ -740,7 +716,7 @@ def run_synth(args: argparse.Namespace) -> dict:
         dialogues=args.dialogues, min_turns=args.min_turns, max_turns=args.max_turns,
         seed=args.seed, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
     )
-    check_output(Path(args.out), args.overwrite)
+    check_output_dir(args.out, args.overwrite, OUTPUT_KIND)
     start = time.perf_counter()
     if args.backend == "template":
         by_split = generate(config)

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
-from moe_empathy.utils import atomic_write_text
+from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
 from .config import TrainConfig, load_config
@@ -286,11 +285,7 @@ class MoeEmpathyTrainer(Trainer):
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if os.path.isdir(final):
-                stale = tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=run_dir)
-                os.replace(final, os.path.join(stale, name))
-                shutil.rmtree(stale)
-            os.replace(staging, final)
+            move_into_place(staging, final)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -400,16 +395,12 @@ def copy_model_files(checkpoint: str | os.PathLike, target: str | os.PathLike) -
     """
     source, target = Path(checkpoint), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + target.name + "-", dir=target.parent))
+    staging = make_temp_dir(target.parent, STAGING_PREFIX + target.name + "-")
     try:
         for name in MODEL_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=target.parent))
-            os.replace(target, stale / target.name)
-            shutil.rmtree(stale)
-        os.replace(staging, target)
+        move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.eval.cli import add_inspect_parser, add_run_parser
 from moe_empathy.eval.dialogues import read_dialogue_file
 from moe_empathy.eval.report import PLOTS
+from moe_empathy.utils import OUTPUT_MARKER
 from tests.moe_empathy.conftest import tiny_base
 
 
@@ -50,7 +51,7 @@ def test_eval_run_writes_report_metrics_plots(checkpoint, baselines, scripts, tm
         "eval", "run", "--model", checkpoint, "--data", data, "--dialogues", 4, "--turns", 2, "--out", out,
         "--max-new-tokens", 3, "--bootstrap", 20, "--single-lora", baselines / "single", "--experts-dir", baselines / "experts",
     )
-    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "metrics.json", "rollouts.jsonl", *PLOTS.values()])
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "report.md", "metrics.json", "rollouts.jsonl", *PLOTS.values()])
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     systems = metrics["scorers"]["lexical"]
     assert list(systems) == ["base", "system_prompt", "single_lora", "external", "gated"]
@@ -62,7 +63,7 @@ def test_eval_run_writes_report_metrics_plots(checkpoint, baselines, scripts, tm
     assert len(rows) == 5 * 4 and all(len(r["replies"]) == len(r["scores"]) == 2 for r in rows)
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "## The gate" in report
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         _run("eval", "run", "--model", checkpoint, "--data", data, "--out", out, "--systems", "base")
 
 
@@ -107,7 +108,10 @@ def test_bad_inputs_fail_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="holds a 'llama' model"):
         _run("inspect", "--model", tmp_path / "plain", "--dialogue", tmp_path / "missing.json")
     (out / "old").mkdir(parents=True)
-    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         _run("eval", "run", "--model", checkpoint, "--out", out)
+    with pytest.raises(FileExistsError, match="no `moe-empathy` output.*nothing was deleted"):
+        _run("eval", "run", "--model", checkpoint, "--out", out, "--overwrite")
+    assert (out / "old").is_dir()
     with pytest.raises(FileNotFoundError, match="--single-lora"):
         _run("eval", "run", "--model", checkpoint, "--systems", "single_lora", "--dialogues", 1, "--turns", 1, "--out", tmp_path / "o2")

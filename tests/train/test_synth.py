@@ -169,3 +169,26 @@ def test_a_corpus_with_an_empty_split_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"empty .*--dialogues"):
         write_corpus(by_split, tmp_path / "corpus", {"backend": "template"})
     assert not (tmp_path / "corpus").exists()
+
+
+def test_overwrite_never_replaces_a_folder_synth_did_not_write(tmp_path, corpus, monkeypatch):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=f"{notes} is no `moe-empathy` output.*nothing was deleted"):
+        write_corpus(corpus, notes, {}, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+    parser = argparse.ArgumentParser()
+    synth.add_parser(parser.add_subparsers())
+    monkeypatch.chdir(notes)
+    args = parser.parse_args(["synth", "--out", ".", "--overwrite", "--dialogues", "40"])
+    with pytest.raises(FileExistsError, match="current folder"):
+        args.func(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+    out = tmp_path / "corpus"
+    write_corpus(corpus, out, {})
+    write_corpus(corpus, out, {}, overwrite=True)  # an earlier corpus is replaced
+    assert load_from_disk(str(out))["train"][0] == corpus["train"][0]
