@@ -26,6 +26,8 @@ import yaml
 
 METHODS = ("gated", "single_lora", "per_level", "gated_from_experts")
 TINY_BASE = "tiny"
+# Keys of the step budget: the only ones a resumed run may change (the config has no epochs key).
+BUDGET_KEYS = ("training.max_steps",)
 BATCHING = ("bucket", "pad")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -198,6 +200,7 @@ class TrainConfig:
                 "(add data.synthesize to create it on first use)"
             )
         if check_paths:
+            self._check_model_paths()
             path = Path(self.data.path)
             if not path.exists() and self.data.synthesize is None:
                 raise ConfigError(
@@ -217,9 +220,45 @@ class TrainConfig:
                         "train them with `method: per_level` first"
                     )
 
+    def _check_model_paths(self) -> None:
+        """Raises a :class:`ConfigError` unless ``model.base`` and ``model.tokenizer`` can be found."""
+        default = ModelSection().base
+        base = self.model.base
+        if base not in (TINY_BASE, default) and not (Path(base) / "config.json").is_file():
+            raise ConfigError(
+                f"model.base: {base!r} is not a local model folder (no config.json there); set model.base to "
+                f"a folder with config.json and weights, {default!r} (the embedded default) or {TINY_BASE!r}"
+            )
+        tokenizer = self.model.tokenizer
+        if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
+            raise ConfigError(
+                f"model.tokenizer: {tokenizer!r} is not a tokenizer folder (no tokenizer_config.json there); "
+                "set it to one, or remove it to use the base's tokenizer"
+            )
+
     def to_dict(self) -> dict:
         """The config as plain YAML-ready data."""
         return dataclasses.asdict(self)
+
+
+def changed_keys(recorded: dict, given: dict, ignore: tuple[str, ...] = BUDGET_KEYS) -> list[str]:
+    """The dotted keys whose values differ between two configs' :meth:`TrainConfig.to_dict`.
+
+    Args:
+        recorded: the config a run was started with.
+        given: the config now given.
+        ignore: keys allowed to differ (the step budget).
+    """
+
+    def flat(values: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
+        return out
+
+    old, new = flat(recorded), flat(given)
+    return sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
 
 
 def _type_name(hint) -> str:

@@ -40,13 +40,14 @@ from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausa
 from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
-from .config import TrainConfig, load_config
+from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config
 
 TRAINER_STATE_NAME = "trainer_state.json"
 STAGING_PREFIX = "tmp-"
 LOG_FILE = "log.jsonl"
 GATE_METRICS = ("gate_label_loss", "load_balancing_loss", "z_loss", "aux_loss", "gate_entropy", "gate_accuracy")
 SUMMARY_FILE = "summary.json"
+CONFIG_RECORD = "config.yaml"  # the config a run was started with (written once, checked on resume)
 MODEL_FILES = ("config.json", "generation_config.json", COMPACT_WEIGHTS, "adapter_config.json", "adapter_model.safetensors")
 
 
@@ -572,13 +573,48 @@ def train(
     """
     from .baselines import run_method
 
+    config.validate()
     output_dir = Path(output_dir or config.training.output_dir)
     max_steps = max_steps if max_steps is not None else config.training.max_steps
     if max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if resume is not None:
+        check_resume_config(config, resume)
+    elif any(output_dir.glob("checkpoint-*")) or any(output_dir.glob("runs/*/checkpoint-*")):
+        raise FileExistsError(
+            f"{output_dir} already holds the checkpoints of a run; pass --resume {output_dir} to continue it "
+            "(with the config it was started with), or choose another --output"
+        )
+    if resume is None or not (output_dir / CONFIG_RECORD).is_file():
+        atomic_write_text(output_dir / CONFIG_RECORD, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_method(config, output_dir, max_steps, resume)
+
+
+def check_resume_config(config: TrainConfig, resume: str | os.PathLike) -> None:
+    """Refuses to resume with a config that differs from the run's recorded one (``config.yaml``
+    of the run folder) in anything but the step budget (:data:`.config.BUDGET_KEYS`).
+
+    Args:
+        config: the config given now.
+        resume: a ``checkpoint-N`` folder or a run folder.
+    """
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path} is not a folder; pass a run folder or one of its checkpoint-N folders")
+    run_dir = path.parent if (path / TRAINER_STATE_NAME).is_file() else path
+    record = run_dir / CONFIG_RECORD
+    if not record.is_file():
+        raise FileNotFoundError(
+            f"{record} not found: it records the config that produced the checkpoints of {run_dir}; "
+            "copy that run's config.yaml there to resume"
+        )
+    recorded = yaml.safe_load(record.read_text())
+    changed = changed_keys(recorded, config.to_dict())
+    if changed:
+        raise ValueError(
+            f"the config differs from the one the run in {run_dir} was started with ({record}) in {changed}; "
+            f"resume with that config (only {', '.join(BUDGET_KEYS)} may change), or start a new run in another --output"
+        )
 
 
 # --------------------------------------------------------------------- command line

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from moe_empathy.train.config import ConfigError, TrainConfig, config_from_dict, load_config
+from moe_empathy.train.config import ConfigError, TrainConfig, changed_keys, config_from_dict, load_config
+from moe_empathy.train.trainer import train
 from train_support import CONFIGS
 
 
@@ -114,3 +115,45 @@ def test_extends_errors_name_the_problem(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml not found"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_missing_base_or_tokenizer_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_values(tmp_path, **{"model.base": str(tmp_path / "no-such-model")})))
+    with pytest.raises(ConfigError, match=r"run.yaml: model.base: .*no-such-model.* is not a local model folder"):
+        load_config(path)
+    path.write_text(yaml.safe_dump(_values(tmp_path, **{"model.tokenizer": str(tmp_path / "no-tok")})))
+    with pytest.raises(ConfigError, match=r"run.yaml: model.tokenizer: .*no-tok"):
+        load_config(path)
+
+
+def test_changed_keys_ignore_only_the_step_budget(tmp_path):
+    old = config_from_dict(_values(tmp_path)).to_dict()
+    new = config_from_dict(_values(tmp_path, **{"training.max_steps": 999, "training.learning_rate": 0.5,
+                                                "model.lora_rank": 2})).to_dict()
+    assert changed_keys(old, new) == ["model.lora_rank", "training.learning_rate"]
+    assert changed_keys(old, old) == []
+
+
+def test_resume_refuses_a_changed_or_bad_config_and_keeps_the_record(tmp_path):
+    run = tmp_path / "run"
+    started = config_from_dict(_values(tmp_path))
+    record = yaml.safe_dump(started.to_dict(), sort_keys=False)
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (run / "config.yaml").write_text(record)
+    changed = config_from_dict(_values(tmp_path, **{"training.learning_rate": 0.5, "training.max_steps": 7}))
+    for resume in (run, run / "checkpoint-2"):
+        with pytest.raises(ValueError, match=r"in \['training.learning_rate'\]; resume with that config"):
+            train(changed, run, resume=resume)
+    with pytest.raises(ValueError, match="--max-steps must be >= 1"):
+        train(started, run, max_steps=0, resume=run)
+    started.training.max_steps = 0  # edited after loading: validated again before anything is written
+    with pytest.raises(ConfigError, match="training.max_steps"):
+        train(started, run, resume=run)
+    with pytest.raises(FileExistsError, match=r"already holds the checkpoints of a run; pass --resume"):
+        train(changed, run)
+    assert (run / "config.yaml").read_text() == record
+    (run / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="config.yaml not found.*copy that run's config.yaml"):
+        train(changed, run, resume=run)
