@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedTokenizerBase
 
-from moe_empathy.cache import GrowingCache
+from moe_empathy.cache import GrowingCache, gate_state_of
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
 from .systems import EvalSystem
@@ -251,7 +251,7 @@ def rollout_batch(
                 inputs = _batch([r + c for r, c in zip(real, chunks)], pad_id)
                 prefill = inputs["input_ids"].shape[1]
             given = inputs if with_turns else {k: inputs[k] for k in ("input_ids", "attention_mask")}
-            out = model.generate(**given, past_key_values=cache, **kwargs)
+            out = model.generate(**given, cache=cache, **kwargs)
             prompt_width = inputs["input_ids"].shape[1]
             new = out.sequences[:, prompt_width:]  # [batch, generated]
             new_turns = torch.full_like(new, turn)  # [batch, generated]
@@ -265,7 +265,7 @@ def rollout_batch(
                 res.new_tokens.append(length)
                 res.replies.append(tokenizer.decode(row[:length], skip_special_tokens=True).strip())
                 if res.gate is not None:
-                    state = (cache if mode == "cached" else out.past_key_values).moe_gate_state
+                    state = gate_state_of(cache if mode == "cached" else out.cache)
                     res.gate.append(forced[b] if forced is not None else state.turn_weights[b, turn].tolist())
             if mode == "cached":
                 carried = {

@@ -6,15 +6,40 @@ time in those copies (a quarter of a batch-40 step at 1,024 cached tokens with
 SmolLM2-135M). :class:`GrowingCache` keeps each layer's keys and values in a buffer with
 spare room, grown by half its size when full, so a step writes only the new positions.
 It returns the same tensors' values as ``DynamicCache``, hence the same logits.
+
+Any cache also carries the gate's state of the forward that filled it
+(:func:`attach_gate_state`, :func:`gate_state_of`), so a continuation of the cache
+(``generate``, multi-turn rollouts) reuses the turns already decided.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import Cache, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 MIN_CAPACITY = 256
+_GATE_STATE = "_moe_empathy_gate_state"
+
+
+def attach_gate_state(cache: Cache | None, state) -> None:
+    """Stores the gate's state on the KV cache it belongs to (no-op without a cache).
+
+    Args:
+        cache: the KV cache a forward returned, or None.
+        state: the gate's :class:`~moe_empathy.gate.GateState` after that forward.
+    """
+    if cache is not None:
+        setattr(cache, _GATE_STATE, state)
+
+
+def gate_state_of(cache: Cache | None):
+    """The gate's state stored on ``cache`` by the model's last forward, or None.
+
+    Args:
+        cache: a KV cache, or None.
+    """
+    return getattr(cache, _GATE_STATE, None) if cache is not None else None
 
 
 class GrowingLayer(DynamicLayer):

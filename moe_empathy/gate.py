@@ -189,7 +189,11 @@ class TurnGate(nn.Module):
         memory = state.memory if state is not None else None
         if forced is not None:
             if forced.dim() == 2 and forced.shape[0] != batch:
-                raise ValueError(f"force_gate was given {forced.shape[0]} per-row mixtures for a batch of {batch} rows")
+                raise ValueError(
+                    f"force_gate was given {forced.shape[0]} per-row mixtures for a batch of {batch} rows; with "
+                    "num_beams or num_return_sequences = k, give each row's choice k times in a row "
+                    "(e.g. [name for name in names for _ in range(k)], or weights.repeat_interleave(k, 0))"
+                )
             rows = forced.float().to(device).view(-1, 1, self.num_experts)  # [batch or 1, 1, E]
             weights = rows.expand(batch, num_turns, -1).clone()
         elif fresh.any():

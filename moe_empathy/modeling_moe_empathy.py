@@ -25,10 +25,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .base import load_base
+from .cache import attach_gate_state, gate_state_of
 from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateOutput, GateState, TurnGate, gate_losses
 from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
@@ -38,7 +40,6 @@ from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
 COMPACT_WEIGHTS = "experts.safetensors"
 COMPACT_FORMAT = "moe_empathy-compact-v1"
-GATE_STATE_ATTRIBUTE = "moe_gate_state"
 
 
 @dataclass
@@ -52,7 +53,7 @@ class MoeEmpathyCausalLMOutputWithPast(CausalLMOutputWithPast):
         aux_loss: weighted sum of the gate's losses (added to ``loss`` when ``labels`` are given).
         lm_loss: the language-modelling loss alone.
         gate_label_loss, load_balancing_loss, z_loss: the gate's losses, unweighted.
-        gate_state: the gate's state after this forward (also stored on ``past_key_values``).
+        gate_state: the gate's state after this forward (also carried on ``cache``).
     """
 
     gate_weights: torch.FloatTensor | None = None
@@ -88,6 +89,52 @@ class RoutingRecord:
     weights: dict[str, float]
     expert: str
     forced: bool = False
+
+
+# from_pretrained's download options; a compact checkpoint is a local folder, so they change nothing.
+_HUB_KWARGS = (
+    "cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code", "proxies",
+    "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto",
+)
+
+
+def _single_device(device_map) -> torch.device | None:
+    """The one device of a ``device_map`` (``"cpu"``, ``"cuda:0"``, ``{"": 0}``...), or None without one.
+
+    Args:
+        device_map: what ``from_pretrained`` was given.
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, Mapping):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"a compact checkpoint loads onto one device, got device_map={device_map!r}; give one device "
+                "(e.g. device_map='cuda:0'), or save the model in full to shard it"
+            )
+        device_map = devices.pop()
+    if device_map in ("auto", "balanced", "sequential"):
+        device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+
+
+def _extend_with_reply(
+    turn_ids: torch.Tensor | None, gate_mask: torch.Tensor | None, length: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Extends ``[batch, seq]`` turn ids and gate mask to ``length`` with generated reply tokens:
+    they belong to the last turn and no gate reads them.
+
+    Args:
+        turn_ids: turn ids of the tokens so far, or None.
+        gate_mask: gate mask of the tokens so far, or None.
+        length: the length to reach (shorter or equal inputs are returned as they are).
+    """
+    if turn_ids is not None and turn_ids.shape[1] < length:
+        turn_ids = torch.cat([turn_ids, turn_ids[:, -1:].expand(-1, length - turn_ids.shape[1])], dim=-1)
+    if gate_mask is not None and gate_mask.shape[1] < length:
+        gate_mask = torch.cat([gate_mask, gate_mask.new_zeros(gate_mask.shape[0], length - gate_mask.shape[1])], dim=-1)
+    return turn_ids, gate_mask
 
 
 class MoeEmpathyPreTrainedModel(PreTrainedModel):
@@ -281,12 +328,13 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------- forward
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -300,17 +348,18 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         """Runs the base model with the experts mixed per turn.
 
         Args:
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
-            use_cache, logits_to_keep: as for any Hugging Face causal LM.
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
+            use_cache, logits_to_keep: as for any Hugging Face causal LM (``past_key_values``
+            is accepted for ``cache``, as transformers does, with its deprecation warning).
             turn_ids: ``[batch, seq]`` exchange index of each token (-1 on padding); derived
                 from the chat template's markers when None.
             gate_mask: ``[batch, seq]`` 1 on the tokens the gate may read (not assistant replies).
             gate_labels: ``[batch, turns]`` expert index expected for each turn (-100 = none).
             gate_state: the gate's state when continuing a KV cache; by default the one this
-                model stored on ``past_key_values`` at its previous forward.
+                model stored on ``cache`` at its previous forward.
         """
-        if gate_state is None and past_key_values is not None:
-            gate_state = getattr(past_key_values, GATE_STATE_ATTRIBUTE, None)
+        if gate_state is None:
+            gate_state = gate_state_of(cache)
         call = None
         if not self._experts_disabled:
             call = self._gate_call(input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state)
@@ -319,7 +368,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -330,7 +379,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             loss=outputs.loss,
             lm_loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -338,7 +387,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             return result
         gate = call.output
         if gate_labels is not None:
-            self._check_gate_labels(gate_labels, call.turn_ids)
+            self._check_gate_labels(gate_labels, tuple(gate.logits.shape[:2]))
         losses = gate_losses(gate, gate_labels, self.config.gate_temperature)
         cfg = self.config
         aux = (
@@ -350,9 +399,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         result.aux_loss, result.gate_label_loss = aux, losses["gate_label"]
         result.load_balancing_loss, result.z_loss = losses["load_balancing"], losses["z_loss"]
         result.gate_state = gate.state
-        if outputs.past_key_values is not None:
-            # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
-            setattr(outputs.past_key_values, GATE_STATE_ATTRIBUTE, gate.state)
+        # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
+        attach_gate_state(outputs.cache, gate.state)
         if labels is not None:
             result.loss = outputs.loss + aux
         elif gate_labels is not None:
@@ -382,10 +430,12 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         forced = self._forced
         return _GateCall(turn_ids.to(reference.device), gate_mask.to(reference.device), gate_state, forced)
 
-    def _check_gate_labels(self, gate_labels: torch.Tensor, turn_ids: torch.Tensor) -> None:
-        if gate_labels.dim() != 2 or gate_labels.shape[0] != turn_ids.shape[0]:
+    def _check_gate_labels(self, gate_labels: torch.Tensor, shape: tuple[int, int]) -> None:
+        """Raises a ValueError unless ``gate_labels`` is ``[batch, turns]`` (``shape``) of expert indices or -100."""
+        if tuple(gate_labels.shape) != shape:
             raise ValueError(
-                f"gate_labels must have shape [batch, turns] = [{turn_ids.shape[0]}, turns], got {tuple(gate_labels.shape)}"
+                f"gate_labels must have shape [batch, turns] = {list(shape)}, one label per turn of the input, "
+                f"got {tuple(gate_labels.shape)}; use -100 for a turn without a label"
             )
         bad = (gate_labels != -100) & ((gate_labels < 0) | (gate_labels >= self.config.num_experts))
         if bad.any():
@@ -396,9 +446,12 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------- generation
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(self, input_ids, turn_ids=None, gate_mask=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         width = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+        # Assisted and prompt-lookup decoding append candidate tokens beyond the kwargs' length.
+        turn_ids, gate_mask = _extend_with_reply(turn_ids, gate_mask, input_ids.shape[1])
         if turn_ids is not None:
             inputs["turn_ids"] = turn_ids[:, -width:]
         if gate_mask is not None:
@@ -409,10 +462,11 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        if (turn_ids := model_kwargs.get("turn_ids")) is not None:
-            model_kwargs["turn_ids"] = torch.cat([turn_ids, turn_ids[:, -1:].expand(-1, num_new_tokens)], dim=-1)
-        if (gate_mask := model_kwargs.get("gate_mask")) is not None:
-            model_kwargs["gate_mask"] = torch.cat([gate_mask, gate_mask.new_zeros(gate_mask.shape[0], num_new_tokens)], dim=-1)
+        turn_ids, gate_mask = model_kwargs.get("turn_ids"), model_kwargs.get("gate_mask")
+        reference = turn_ids if turn_ids is not None else gate_mask
+        if reference is not None:
+            turn_ids, gate_mask = _extend_with_reply(turn_ids, gate_mask, reference.shape[1] + num_new_tokens)
+            model_kwargs["turn_ids"], model_kwargs["gate_mask"] = turn_ids, gate_mask
         return model_kwargs
 
     @torch.no_grad()
@@ -466,6 +520,11 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 raise ValueError(f"unknown expert(s) {unknown}; the experts are {names}")
             weights = torch.eye(len(names))[[names.index(n) for n in chosen]]  # [rows, E]
             return weights[0] if one_name else weights
+        if isinstance(spec, Sequence) and any(isinstance(n, str) for n in spec):
+            raise ValueError(
+                f"force_gate got a list mixing expert names and numbers ({list(spec)!r}); give either expert "
+                f"names (one per row) or numbers (one weight per expert {names})"
+            )
         if isinstance(spec, Mapping):
             unknown = set(spec) - set(names)
             if unknown:
@@ -614,13 +673,42 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 "load it with its own expert names (drop `expert_names`) and rename or add experts afterwards."
             )
         if (path / COMPACT_WEIGHTS).is_file():
-            return cls._from_compact(path, saved, base_model, dtype=kwargs.get("dtype"))
+            return cls._from_compact(path, saved, base_model, model_args, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
-    def _from_compact(cls, path: Path, config: MoeEmpathyConfig, base_model: PreTrainedModel | None, dtype=None):
-        with safe_open(str(path / COMPACT_WEIGHTS), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+    def _from_compact(cls, path: Path, config: MoeEmpathyConfig, base_model: PreTrainedModel | None, model_args: tuple, kwargs: dict):
+        """Builds the model of a compact checkpoint: its base, then its experts and gate, in eval mode.
+
+        Args:
+            path: the checkpoint folder.
+            config: its configuration.
+            base_model: the base to use, or None to load ``config.base_model_name_or_path``.
+            model_args, kwargs: what ``from_pretrained`` was given; ``dtype`` (or ``torch_dtype``) and a
+                one-device ``device_map`` are honoured, anything else that would change the model is refused.
+        """
+        kwargs = dict(kwargs)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        device = _single_device(kwargs.pop("device_map", None))
+        for harmless in ("config", "expert_names", *_HUB_KWARGS):
+            kwargs.pop(harmless, None)
+        if model_args or kwargs:
+            raise ValueError(
+                f"{path} is a compact checkpoint (experts and gate only), which does not take "
+                f"{sorted(kwargs) or 'positional arguments'}; load it with `dtype` and a one-device `device_map` only, "
+                "or save it in full (save_pretrained(..., compact=False)) to use every from_pretrained option"
+            )
+        dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        weights = path / COMPACT_WEIGHTS
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            state = load_file(str(weights))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise ValueError(
+                f"{weights} cannot be read ({type(error).__name__}: {error}); the file is damaged or incomplete: "
+                "save the checkpoint again, or download it again"
+            ) from error
         stored_names = json.loads(metadata.get("expert_names", "null"))
         if metadata.get("format") != COMPACT_FORMAT or stored_names != config.expert_names:
             raise ValueError(
@@ -632,7 +720,6 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         overrides = {k: v for k, v in config.to_diff_dict().items() if k in MoeEmpathyConfig.__dataclass_fields__ and k != "text_config"}
         overrides.pop("tie_word_embeddings", None)
         model = cls.from_base(base_model, **overrides)
-        state = load_file(str(path / COMPACT_WEIGHTS))
         missing, unexpected = model.load_state_dict(state, strict=False)
         expected = set(model.expert_state_dict())
         if unexpected or expected - set(state):
@@ -643,5 +730,15 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         generation = path / "generation_config.json"
         if generation.is_file():
             model.generation_config = model.generation_config.from_pretrained(path)
-        return model
+        model.to(device=device, dtype=dtype)  # no-op for None
+        return model.eval()  # as transformers loads full checkpoints: dropout off until .train()
 
+
+
+def register() -> None:
+    """Registers the model with ``AutoConfig`` and ``AutoModelForCausalLM`` (done at import)."""
+    AutoConfig.register(MoeEmpathyConfig.model_type, MoeEmpathyConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MoeEmpathyConfig, MoeEmpathyForCausalLM, exist_ok=True)
+
+
+register()

@@ -111,7 +111,8 @@ def derive_turn_ids(
         # A reply starts right after an assistant marker and ends where the next user marker starts.
         reply_start = torch.zeros_like(user)
         width = len(assistant_turn_marker)
-        reply_start[:, width:] = _marker_hits(input_ids, assistant_turn_marker)[:, : seq - width]
+        if seq > width:  # a shorter input holds no complete marker followed by a reply token
+            reply_start[:, width:] = _marker_hits(input_ids, assistant_turn_marker)[:, : seq - width]
         positions = torch.arange(seq, device=device).expand(batch, seq)
         last_reply = torch.where(reply_start, positions, -1).cummax(1).values
         last_user = torch.where(user, positions, -1).cummax(1).values
@@ -178,6 +179,11 @@ def encode_chat(
         for m, message in enumerate(dialogue):
             if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
                 raise ValueError(f"dialogue {d}, message {m}: expected a dict with 'role' and 'content', got {message!r}")
+            if not isinstance(message["content"], str):
+                raise ValueError(
+                    f"dialogue {d}, message {m}: 'content' must be a string, got {type(message['content']).__name__}; "
+                    "give an empty string for an empty message"
+                )
     user_marker, assistant_marker = markers if markers is not None else find_turn_markers(tokenizer)
     rows = [
         tokenizer(_render(tokenizer, dialogue, add_generation_prompt), add_special_tokens=False)["input_ids"]

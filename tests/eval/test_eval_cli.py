@@ -43,6 +43,7 @@ def baselines(checkpoint, tmp_path_factory):
     return root
 
 
+@pytest.mark.integration
 def test_eval_run_writes_report_metrics_plots(checkpoint, baselines, scripts, tmp_path):
     data = tmp_path / "scripts.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in scripts))

