@@ -346,3 +346,44 @@ def test_a_forced_gate_on_a_left_padded_batch_applies_to_every_row(model, tokeni
         base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert not torch.allclose(padded, base)
     torch.testing.assert_close(padded[0, -width:], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", range(1, 9))  # 1 .. 2x the longest ChatML marker
+def test_short_inputs_without_turn_ids_run_with_and_without_a_cache(model, tokenizer, dialogue, length):
+    prompt = encode_chat(tokenizer, dialogue, add_generation_prompt=True)["input_ids"]
+    reply = tokenizer("Hold the power button for ten seconds, then start it again.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        alone = model(input_ids=prompt[:, -length:])
+        prefix = model(input_ids=prompt, use_cache=True)
+        continued = model(input_ids=reply[:, :length], cache=prefix.cache, use_cache=True)
+        full = model(input_ids=torch.cat([prompt, reply[:, :length]], 1))
+    assert alone.logits.shape[1] == length
+    torch.testing.assert_close(continued.logits, full.logits[:, -length:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_turns", [True, False])
+def test_prompt_lookup_decoding_equals_greedy(model, tokenizer, dialogue, with_turns):
+    enc = encode_chat(tokenizer, dialogue, add_generation_prompt=True)
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")[: 4 if with_turns else 2]}
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    greedy = model.generate(**inputs, **kwargs)
+    lookup = model.generate(**inputs, prompt_lookup_num_tokens=2, **kwargs)
+    assert torch.equal(lookup, greedy)
+
+
+def test_force_gate_input_errors_name_the_fix(model, tokenizer, dialogue):
+    with pytest.raises(ValueError, match="mixing expert names and numbers"):
+        with model.force_gate(["low", 0.5]):
+            pass
+    enc = encode_chat(tokenizer, dialogue, add_generation_prompt=True)
+    with model.force_gate(["low"]), pytest.raises(ValueError, match="repeat_interleave"):
+        model.generate(input_ids=enc["input_ids"], num_beams=2, max_new_tokens=2, pad_token_id=2)
+    with model.force_gate(["low", "low"]):  # each row's choice repeated per beam
+        model.generate(input_ids=enc["input_ids"], num_beams=2, max_new_tokens=2, pad_token_id=2)
+
+
+@pytest.mark.parametrize("turns", [2, 4])
+def test_gate_labels_with_the_wrong_number_of_turns_are_refused(model, tokenizer, dialogue, turns):
+    enc = encode_chat(tokenizer, dialogue)  # 3 turns
+    with pytest.raises(ValueError, match=r"gate_labels must have shape \[batch, turns\] = \[1, 3\]"):
+        model(**{k: enc[k] for k in ("input_ids", "turn_ids", "gate_mask")}, gate_labels=torch.zeros(1, turns, dtype=torch.long))

@@ -91,3 +91,41 @@ def test_failed_save_leaves_the_earlier_checkpoint_intact(model, tokenizer, dial
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")] == []
     loaded = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=tiny_base()).eval()
     assert torch.equal(logits(loaded, enc), before)
+
+
+@pytest.fixture
+def compact_dir(tokenizer, tmp_path):
+    """A compact checkpoint with dropout on its experts, over a base saved next to it."""
+    tiny_base().save_pretrained(tmp_path / "base")
+    model = MoeEmpathyForCausalLM.from_base(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer=tokenizer, lora_rank=4, gate_layer=1, lora_dropout=0.5
+    )
+    randomise_experts(model)
+    model.save_pretrained(tmp_path / "compact", compact=True)
+    return tmp_path / "compact"
+
+
+def test_a_compact_checkpoint_loads_in_eval_mode(compact_dir, tokenizer, dialogue):
+    loaded = AutoModelForCausalLM.from_pretrained(compact_dir)
+    assert not loaded.training
+    assert not any(module.training for module in loaded.modules())
+    enc = encode_chat(tokenizer, dialogue)
+    assert torch.equal(logits(loaded, enc), logits(loaded, enc))  # dropout is off
+
+
+@pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
+def test_a_compact_checkpoint_honours_dtype_and_a_one_device_map(compact_dir, name):
+    loaded = MoeEmpathyForCausalLM.from_pretrained(compact_dir, **{name: torch.float16}, device_map="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="loads onto one device"):
+        MoeEmpathyForCausalLM.from_pretrained(compact_dir, device_map={"model.embed": 0, "lm_head": 1})
+    with pytest.raises(ValueError, match=r"does not take \['attn_implementation'\]"):
+        MoeEmpathyForCausalLM.from_pretrained(compact_dir, attn_implementation="eager")
+
+
+def test_a_damaged_compact_checkpoint_names_the_file(compact_dir):
+    weights = compact_dir / modeling.COMPACT_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"experts\.safetensors cannot be read .* save the checkpoint again, or download it again"):
+        AutoModelForCausalLM.from_pretrained(compact_dir)

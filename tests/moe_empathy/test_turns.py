@@ -84,3 +84,19 @@ def test_validate_turn_ids_errors():
     with pytest.raises(ValueError, match="-1"):
         validate_turn_ids(torch.tensor([[-2, 0, 0, 1]]), (1, 4))
     validate_turn_ids(torch.tensor([[-1, -1, 0, 2]]), (1, 4))
+
+
+@pytest.mark.parametrize("length", range(1, 9))  # 1 .. 2x the longest ChatML marker (4 tokens)
+def test_every_short_input_gets_turns(tokenizer, dialogue, length):
+    ids = encode_chat(tokenizer, dialogue, add_generation_prompt=True)["input_ids"][:, -length:]
+    user, assistant = find_turn_markers(tokenizer)
+    assert 2 * max(len(user), len(assistant)) == 8
+    turn_ids, gate_mask = derive_turn_ids(ids, user, assistant)
+    assert turn_ids.shape == gate_mask.shape == ids.shape
+    continued, _ = derive_turn_ids(ids, user, assistant, last_turn=torch.tensor([2]))
+    assert (continued >= 2).all()
+
+
+def test_content_must_be_a_string(tokenizer):
+    with pytest.raises(ValueError, match="'content' must be a string, got NoneType"):
+        encode_chat(tokenizer, [{"role": "user", "content": None}])
