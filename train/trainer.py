@@ -15,6 +15,7 @@ load-balancing loss, a mean per micro-batch (it is not a sum over turns), averag
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -261,11 +262,29 @@ class MoeEmpathyTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Writes ``checkpoint-N`` into a staging folder and renames it into place when complete,
-        so a run killed while saving leaves the earlier checkpoints the newest usable ones."""
+        so a run killed while saving leaves the earlier checkpoints the newest usable ones. A save
+        that fails (a full disk) removes its staging folder and says which checkpoint is intact."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = os.path.join(run_dir, name)
         staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        try:
+            self._save_checkpoint_via(run_dir, name, staging)
+        except OSError as err:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if err.errno != errno.ENOSPC:
+                raise
+            intact = get_last_checkpoint(run_dir)
+            kept = f"{os.path.basename(intact)} and earlier are intact" if intact else "no earlier checkpoint exists"
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk while saving {name} in {run_dir} ({err}); {kept}: free some space "
+                f"and resume with --resume {run_dir}",
+            ) from err
+
+    def _save_checkpoint_via(self, run_dir: str, name: str, staging: str) -> None:
+        """Writes ``run_dir/name`` through ``staging`` (see :meth:`_save_checkpoint`)."""
+        final = os.path.join(run_dir, name)
         if self.args.should_save and os.path.isdir(staging):
             shutil.rmtree(staging)  # left by a run killed while saving
         self.accelerator.wait_for_everyone()
