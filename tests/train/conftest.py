@@ -23,7 +23,12 @@ class _BudgetFile:
         self._handle, self._faults, self._path = handle, faults, path
 
     def write(self, data):
-        self._faults.spend(len(data.encode() if isinstance(data, str) else data), self._path)
+        free = self._faults.free_bytes
+        try:
+            self._faults.spend(len(data.encode() if isinstance(data, str) else data), self._path)
+        except OSError:
+            self._handle.write(data[:free])  # what fits is written, like a real full disk
+            raise
         return self._handle.write(data)
 
     def __enter__(self):

@@ -143,3 +143,24 @@ def test_a_full_disk_during_a_save_damages_nothing_and_says_so(corpus_dir, tmp_p
     for run in checked:
         assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint-2", *RUN_FILES])  # partial save removed
         assert _check_latest(run, reference) == 2
+
+
+def test_an_llm_synth_run_cut_by_a_full_disk_resumes_without_loss_or_duplicates(tmp_path, tokenizer, write_faults):
+    from moe_empathy.train.synth import SynthConfig, plans
+    from moe_empathy.train.synth_llm import LLMSynthConfig, generate_llm, read_progress
+    from tests.moe_empathy.conftest import tiny_base
+
+    config, llm = SynthConfig(dialogues=8, min_turns=1, max_turns=2, seed=5), LLMSynthConfig(batch_size=3, max_new_tokens=3)
+    chat_model = (tiny_base(vocab_size=len(tokenizer)), tokenizer)
+    expected = {p.dialogue_id for p in plans(config)}
+    for free in random.Random(7).sample(range(200, 4_000), 3):  # the disk fills mid-record
+        progress = tmp_path / f"free-{free}.partial.jsonl"
+        with pytest.raises(OSError, match="No space left"), write_faults.armed(free_bytes=free):
+            generate_llm(config, llm, progress, model=chat_model)
+        assert not progress.read_text().endswith("\n")  # the last record was cut off
+        kept = read_progress(progress)  # drops the cut-off line
+        by_split = generate_llm(config, llm, progress, model=chat_model)
+        ids = [json.loads(line)["dialogue_id"] for line in progress.read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == config.dialogues and set(ids) == expected
+        records = {r["dialogue_id"]: r for split in by_split.values() for r in split}
+        assert set(records) == expected and all(records[r["dialogue_id"]] == r for r in kept)
