@@ -8,6 +8,7 @@ existing file, a bad value) end as one line on stderr and exit code 2, without a
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -254,6 +255,11 @@ def run_command(func, args: argparse.Namespace) -> int:
     try:
         func(args)
     except USER_ERRORS as err:
+        print(f"moe-empathy: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk is the user's to fix; other OS errors are bugs
+            raise
         print(f"moe-empathy: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

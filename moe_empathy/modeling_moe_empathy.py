@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateOutput, GateState, TurnGate, gate_losses
 from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
 from .peft_io import adapters_span, export_expert, import_expert
-from .utils import atomic_write_text
+from .utils import atomic_write_text, make_temp_dir
 from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
 COMPACT_WEIGHTS = "experts.safetensors"
@@ -636,7 +635,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 "set it to the base's folder, or save with compact=False"
             )
         target.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
+        staging = make_temp_dir(target, ".saving-")
         try:
             if compact:
                 self.config.save_pretrained(staging)

@@ -1,4 +1,5 @@
 import argparse
+import errno
 import subprocess
 import sys
 
@@ -79,6 +80,19 @@ def test_every_user_error_class_exits_2_with_one_line(error, capsys):
     assert run_command(fails, argparse.Namespace()) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "moe-empathy: error: x.yaml: model.base is wrong; fix it\n"
+
+
+def test_a_full_disk_is_one_line_and_other_os_errors_are_not_hidden(capsys):
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device while saving checkpoint-4; checkpoint-2 is intact")
+
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    assert run_command(disk_full, argparse.Namespace()) == 2
+    assert capsys.readouterr().err.startswith("moe-empathy: error: [Errno 28] No space left")
+    with pytest.raises(OSError, match="Input/output"):
+        run_command(broken, argparse.Namespace())
 
 
 def test_ctrl_c_in_a_command_exits_130_without_traceback(capsys):
