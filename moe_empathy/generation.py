@@ -99,12 +99,11 @@ class ReplyRepetitionLogitsProcessor(LogitsProcessor):
             grams = torch.cat([grams, own], 1)
             valid = torch.cat([valid, torch.ones(own.shape[:2], dtype=torch.bool, device=valid.device)], 1)
         hit = valid & (grams[..., :-1] == prefix[:, None, :]).all(-1)  # [batch, G']
-        rows, which = hit.nonzero(as_tuple=True)
-        repeat = torch.zeros_like(scores, dtype=torch.bool)  # [batch, vocab]
-        repeat[rows, grams[rows, which, -1]] = True
+        rows, which = hit.nonzero(as_tuple=True)  # [hits]
+        tokens = grams[rows, which, -1]  # [hits] (a token may be hit twice: written once, not accumulated)
         if self.penalty is None:
-            return scores.masked_fill(repeat, float("-inf"))
-        return scores - self.penalty * repeat.to(scores.dtype)
+            return scores.index_put((rows, tokens), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+        return scores.index_put((rows, tokens), scores[rows, tokens] - self.penalty)
 
 
 @dataclass(frozen=True)

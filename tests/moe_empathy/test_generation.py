@@ -66,7 +66,7 @@ def test_rows_are_independent_and_left_padding_is_ignored():
 
 
 def test_penalty_subtracts_instead_of_banning():
-    processor = ReplyRepetitionLogitsProcessor(2, [[[5, 6], [5, 7]]], prompt_length=1, penalty=2.5)
+    processor = ReplyRepetitionLogitsProcessor(2, [[[5, 6], [5, 7], [5, 6]]], prompt_length=1, penalty=2.5)  # "5 6" twice: one penalty
     scores = torch.ones(1, VOCAB)
     out = processor(torch.tensor([[1, 5]]), scores.clone())
     expected = scores.clone()
