@@ -57,6 +57,7 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap")
     parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together (of equal length; every system plays a mixed batch)")
+    parser.add_argument("--no-repeat-guard", action="store_true", help="decode every system without the repeat guard of the model's generation_config.json (for comparison)")
     parser.add_argument("--mode", choices=MODES, default="cached", help="carry the KV cache across turns, or re-encode every turn")
     parser.add_argument("--compare-reencode", action="store_true", help="also time the gated system (else the first) re-encoding every turn, and check it gives the same replies")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -91,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     records = select_dialogues(records, args.dialogues, args.turns)
     scorers = {name: get_scorer(name) for name in scorer_names}
     model, tokenizer, description = load_model_and_tokenizer(model_dir)
-    systems = build_systems(names, model, tokenizer, model_dir, args.single_lora, args.experts_dir)
+    systems = build_systems(names, model, tokenizer, model_dir, args.single_lora, args.experts_dir, repeat_guard=not args.no_repeat_guard)
     console.print(f"[bold]eval run[/bold]: {len(records)} dialogues x <= {args.turns} turns, systems {', '.join(names)}, model {description}")
     start = time.perf_counter()
     with progress_bar() as progress:

@@ -12,8 +12,9 @@ dialogues for both systems (every system plays the same scripts).
 
 from __future__ import annotations
 
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -71,6 +72,7 @@ class EvalTable:
         scores: ``{system: [D, T]}`` measured scores.
         gates: ``{system: [D, T, E]}`` per-turn expert mixtures of systems that have them.
         expert_names: the levels, in expert order.
+        replies: ``{system: [dialogues][turns]}`` the replies' text (repetition metrics).
     """
 
     tasks: np.ndarray
@@ -80,6 +82,7 @@ class EvalTable:
     scores: dict[str, np.ndarray]
     gates: dict[str, np.ndarray]
     expert_names: list[str]
+    replies: dict[str, list[list[str]]] = field(default_factory=dict)
 
     @property
     def num_dialogues(self) -> int:
@@ -123,6 +126,7 @@ def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, li
         scores=table_scores,
         gates=gates,
         expert_names=list(expert_names),
+        replies={name: [list(r.replies) for r in played] for name, played in rollouts.items()},
     )
 
 
@@ -246,6 +250,84 @@ def shift_events(choices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
                 followed[d] += 1
                 latency[d] += hits[0]
     return shifts, followed, latency
+
+
+# --------------------------------------------------------------------- repetition
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def split_sentences(reply: str) -> list[str]:
+    """A reply's sentences: split after ``.``, ``!`` or ``?`` followed by white space,
+    white space collapsed, empty pieces dropped."""
+    return [s for s in (_normalise(p) for p in _SENTENCE_END.split(reply)) if s]
+
+
+def copy_flags(replies: list[str]) -> np.ndarray:
+    """Which replies of one dialogue copy earlier ones -> ``[T]`` of 0/1.
+
+    A reply is a copy when it has at least one sentence and at least half of its sentences
+    appear verbatim (white space collapsed, case kept) inside one of the dialogue's earlier
+    replies. The first reply is never a copy.
+
+    Args:
+        replies: one dialogue's replies, in turn order.
+    """
+    flags = np.zeros(len(replies))
+    earlier: list[str] = []
+    for t, reply in enumerate(replies):
+        pieces = split_sentences(reply)
+        copied = sum(any(piece in before for before in earlier) for piece in pieces)
+        flags[t] = float(bool(pieces) and 2 * copied >= len(pieces))
+        earlier.append(_normalise(reply))
+    return flags
+
+
+def reply_words(reply: str) -> list[str]:
+    """A reply's words: lower-cased, split on white space."""
+    return reply.lower().split()
+
+
+def distinct_n(replies: list[str], n: int = 2) -> tuple[int, int]:
+    """Distinct n-grams of words over some replies (n-grams never span two replies).
+
+    Args:
+        replies: the replies.
+        n: n-gram length.
+
+    Returns:
+        ``(unique n-grams, n-grams)``; distinct-n is their ratio.
+    """
+    grams = [tuple(w[i : i + n]) for w in map(reply_words, replies) for i in range(len(w) - n + 1)]
+    return len(set(grams)), len(grams)
+
+
+def repetition_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int) -> dict:
+    """Copy rate, distinct-2 and mean reply length (words) of one system's replies.
+
+    Args:
+        table: the aligned arrays (with ``replies``).
+        system: the system's name.
+        population: indices of the dialogues to summarise.
+        samples, seed: bootstrap settings (distinct-2 pools n-grams, so it gets no interval).
+    """
+    dialogues = table.replies[system]
+    width = table.targets.shape[1]
+    copies, lengths = np.full((len(dialogues), width), np.nan), np.full((len(dialogues), width), np.nan)
+    for d, replies in enumerate(dialogues):
+        copies[d, : len(replies)] = copy_flags(replies)
+        lengths[d, : len(replies)] = [len(reply_words(r)) for r in replies]
+    unique, total = distinct_n([r for d in population for r in dialogues[d]], 2)
+    boot = lambda fn: bootstrap(fn, population, samples, seed)  # noqa: E731
+    return {
+        "copy_rate": boot(lambda idx: _mean(copies, idx)),
+        "distinct_2": {"value": unique / total if total else None, "ci_low": None, "ci_high": None, "n": int(population.size)},
+        "reply_words": boot(lambda idx: _mean(lengths, idx)),
+    }
 
 
 # --------------------------------------------------------------------- metric sets
@@ -392,6 +474,8 @@ def compute_metrics(table: EvalTable, samples: int = 1000, seed: int = 0, tolera
             entry["by_task"][task] = empathy_metrics(table, name, np.flatnonzero(table.tasks == task), samples, seed, tolerance)
             entry["by_task"][task].pop("by_bucket")
         entry["by_turn"] = by_turn(table, name)
+        if name in table.replies:
+            entry["repetition"] = repetition_metrics(table, name, everyone, samples, seed)
         if name in table.gates:
             entry["gate"] = gate_metrics(table, name, everyone, samples, seed)
             entry["gate_by_task"] = {

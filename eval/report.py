@@ -208,6 +208,20 @@ def render_report(metrics: dict) -> str:
             ],
         ),
         "",
+        "## Repetition",
+        "",
+        "Copy rate: share of replies at least half of whose sentences appear verbatim in an earlier reply of the same "
+        "dialogue. Distinct-2: unique word bigrams / word bigrams over the system's replies. Words: mean reply length "
+        "(a constant or empty reply scores well on neither copy rate nor length).",
+        "",
+        _table(
+            ["system", "copy rate", "distinct-2", "words per reply"],
+            [
+                [name, _ci(r["copy_rate"], percent=True), _ci(r["distinct_2"], digits=3), _ci(r["reply_words"], digits=1)]
+                for name, r in ((name, e["repetition"]) for name, e in systems.items() if "repetition" in e)
+            ],
+        ),
+        "",
         "## Consistency across turns",
         "",
         _table(

@@ -12,6 +12,9 @@ Two modes give the same greedy replies:
 
 Both modes feed the very same token ids: the replies' generated ids, not a re-tokenisation
 of their text, joined by the chat template's own separators.
+
+A system with a ``repeat_guard`` decodes with :class:`moe_empathy.generation.ReplyRepetitionLogitsProcessor`,
+given each row's earlier replies (generated ids, stop tokens left out).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from itertools import groupby
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from moe_empathy.cache import GrowingCache, gate_state_of
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
@@ -226,6 +229,7 @@ def rollout_batch(
     # The one-hot mixture of each row's selected expert, for systems that select one.
     forced = [[float(n == system.forced_expert(r)) for n in names] for r in records] if system.forced_expert else None
     real = [_Tokens() for _ in records]  # every row's tokens so far, without padding
+    reply_ids: list[list[list[int]]] = [[] for _ in records]  # each row's replies so far, stop tokens left out (the guard's input)
     stops = [""] * len(records)  # the token text that ended each row's last reply
     cache = GrowingCache(model.config.get_text_config()) if mode == "cached" else None
     carried: dict[str, torch.Tensor] | None = None  # cached mode: the batch so far, padding holes masked
@@ -251,8 +255,9 @@ def rollout_batch(
                 inputs = _batch([r + c for r, c in zip(real, chunks)], pad_id)
                 prefill = inputs["input_ids"].shape[1]
             given = inputs if with_turns else {k: inputs[k] for k in ("input_ids", "attention_mask")}
-            out = model.generate(**given, cache=cache, **kwargs)
             prompt_width = inputs["input_ids"].shape[1]
+            guard = LogitsProcessorList([system.repeat_guard.processor(reply_ids, prompt_width)] if system.repeat_guard else [])
+            out = model.generate(**given, cache=cache, logits_processor=guard, **kwargs)
             new = out.sequences[:, prompt_width:]  # [batch, generated]
             new_turns = torch.full_like(new, turn)  # [batch, generated]
             new_mask = torch.zeros_like(new)
@@ -262,6 +267,7 @@ def rollout_batch(
                 stops[b] = tokenizer.convert_ids_to_tokens(stop) if stop is not None else ""
                 new_mask[b, :length] = 1
                 real[b] = real[b] + chunks[b].add(row[:length], turn, 0)
+                reply_ids[b].append([t for t in row[:length] if t not in eos_ids])
                 res.new_tokens.append(length)
                 res.replies.append(tokenizer.decode(row[:length], skip_special_tokens=True).strip())
                 if res.gate is not None:

@@ -9,6 +9,10 @@
   (the paper's method): per-level peft adapters when given, else the gated model's own
   experts forced by the task's level.
 * ``gated``: the gated model choosing its experts per turn by itself.
+
+Every system decodes with the same settings: greedy, plus the repeat guard of the gated
+checkpoint's ``generation_config.json`` (:class:`moe_empathy.generation.RepeatGuardConfig`),
+unless the guard is switched off for all of them (``--no-repeat-guard``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_empathy.base import DEFAULT_BASE_ID, load_base
 from moe_empathy.configuration_moe_empathy import MoeEmpathyConfig
+from moe_empathy.generation import RepeatGuardConfig
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
 SYSTEMS = ("base", "system_prompt", "single_lora", "external", "gated")
@@ -61,6 +66,8 @@ class EvalSystem:
         gated: True when the model's own gate chooses (its per-turn weights are recorded).
         forced_expert: the expert selected for a dialogue record, for systems that select one.
         sources: where the system's weights came from (for the report).
+        repeat_guard: the settings of the guard against repeating earlier replies, or None to
+            decode without it.
     """
 
     name: str
@@ -71,6 +78,7 @@ class EvalSystem:
     gated: bool = False
     forced_expert: Callable[[dict], str] | None = None
     sources: dict = field(default_factory=dict)
+    repeat_guard: RepeatGuardConfig | None = None
 
 
 def check_system_names(names: list[str]) -> list[str]:
@@ -195,6 +203,7 @@ def build_systems(
     model_dir: Path | None = None,
     single_lora: str | Path | None = None,
     experts_dir: str | Path | None = None,
+    repeat_guard: bool = True,
 ) -> list[EvalSystem]:
     """Builds the requested systems around a gated model.
 
@@ -205,6 +214,8 @@ def build_systems(
         model_dir: the gated checkpoint's folder (baselines are looked for under ``baselines/``).
         single_lora: a peft adapter folder for ``single_lora``.
         experts_dir: a ``per_level`` run folder for ``external``.
+        repeat_guard: decode every system with the repeat guard stored in the gated model's
+            generation config (the same settings for all), or every system without it.
     """
     check_system_names(names)
     levels = model.expert_names
@@ -254,4 +265,9 @@ def build_systems(
             )
         else:
             systems.append(EvalSystem(name, model, "the gated model, choosing its experts per turn", gated=True))
+    guard = RepeatGuardConfig.from_generation_config(model.generation_config) if repeat_guard else None
+    decoding = f"greedy, {guard.describe()}" if guard else "greedy, no repeat guard"
+    for system in systems:
+        system.repeat_guard = guard
+        system.description = f"{system.description}; {decoding}"
     return systems

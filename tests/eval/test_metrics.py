@@ -13,12 +13,15 @@ from moe_empathy.eval.metrics import (
     build_table,
     check_targets,
     compute_metrics,
+    copy_flags,
+    distinct_n,
     drift_onset,
     gate_entropy,
     gate_metrics,
     per_dialogue_slope,
     score_rollouts,
     shift_events,
+    split_sentences,
 )
 from moe_empathy.eval.rollout import DialogueRollout
 from moe_empathy.eval.scorers import EmpathyScore
@@ -152,3 +155,50 @@ def test_targets_report_met_missed_and_unmeasurable():
     assert rows["gated gap <= 1.05 x external's"] is True
     assert rows["gated gap at turns 30+ <= at turns 1-5 (no drift)"] is None
     assert rows["40 dialogues x 30 turns x 5 systems (48 new tokens) within 30 minutes"] is None
+
+
+def test_a_copied_reply_counts_and_a_paraphrase_does_not():
+    first = "Try restarting the router. Then check the cable."
+    replies = [
+        first,
+        "Try restarting the router.  Then check the cable.",  # the same, other spacing: a copy
+        "You could restart the router. After that, look at the cable.",  # paraphrase
+        "Try restarting the router. I hope that helps. Good luck!",  # 1 of 3 sentences copied
+        "Then check the cable. Do you see a light?",  # 1 of 2: half counts
+        "",  # empty: never a copy
+    ]
+    assert split_sentences(first) == ["Try restarting the router.", "Then check the cable."]
+    assert copy_flags(replies).tolist() == [0, 1, 0, 0, 1, 0]
+    assert copy_flags(["ok", "OK"]).tolist() == [0, 0]  # case is kept
+
+
+def test_distinct_2_counts_unique_bigrams_within_replies():
+    assert distinct_n(["a b a b", "a b"], 2) == (2, 4)  # (a b) x3, (b a) x1; none across replies
+    assert distinct_n(["one", ""], 2) == (0, 0)
+    assert distinct_n(["The cat sat", "the cat ran"], 2) == (3, 4)  # lower-cased
+
+
+def test_repetition_metrics_per_system_and_in_the_report():
+    from moe_empathy.eval.report import render_report
+
+    levels = [["low", "low", "low"], ["low", "low", "low"]]
+    scores = {"loops": [[1.0] * 3, [1.0] * 3], "varied": [[1.0] * 3, [1.0] * 3]}
+    replies = {
+        "loops": [["Fix it now.", "Fix it now.", "Fix it now."], ["Go on.", "Go on.", "Go on."]],
+        "varied": [["Fix it now.", "Check the plug first.", "Then restart it."], ["Go on.", "Tell me more.", "What happened next?"]],
+    }
+    rollouts = {
+        name: [DialogueRollout(name, f"d{d}", "t", "low", users=["u"] * 3, replies=rows[d], levels=levels[d]) for d in range(2)]
+        for name, rows in replies.items()
+    }
+    metrics = compute_metrics(build_table(rollouts, scores, NAMES), samples=50)
+    loops, varied = metrics["loops"]["repetition"], metrics["varied"]["repetition"]
+    assert loops["copy_rate"]["value"] == pytest.approx(4 / 6) and varied["copy_rate"]["value"] == 0.0
+    assert loops["distinct_2"]["value"] == pytest.approx(3 / 9)  # "fix it", "it now.", "go on." over 9 bigrams
+    assert varied["distinct_2"]["value"] == pytest.approx(1.0)
+    assert loops["reply_words"]["value"] == pytest.approx(2.5)
+    assert varied["reply_words"]["value"] == pytest.approx((3 + 4 + 3 + 2 + 3 + 3) / 6)
+    settings = {"model": "m", "systems": {}, "split": "test", "data": "d", "dialogues": 2, "turns": 3, "max_new_tokens": 8,
+                "mode": "cached", "batch_size": 2, "scorers": ["s"], "bootstrap_samples": 50, "tolerance": 1.0}
+    report = render_report({"settings": settings, "targets": [], "scorers": {"s": metrics}})
+    assert "| loops | 66.7% [" in report and "| varied | 0.0% [0.0, 0.0] | 1.000 | 3.0 [" in report

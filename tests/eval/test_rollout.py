@@ -90,3 +90,18 @@ def test_rollout_rejects_a_batch_of_mixed_lengths(gated, tokenizer, scripts):
         rollout_batch(system, [short, scripts[1]], tokenizer)
     with pytest.raises(ValueError, match="rollout mode"):
         rollout_batch(system, scripts[:1], tokenizer, mode="fast")
+
+
+def test_every_system_decodes_with_the_checkpoints_repeat_guard(gated, tokenizer, scripts):
+    from moe_empathy.generation import RepeatGuardConfig
+
+    RepeatGuardConfig(ngram_size=2).write_to(gated.generation_config)
+    guarded = build_systems(["base", "external", "gated"], gated, tokenizer)
+    assert {s.repeat_guard for s in guarded} == {RepeatGuardConfig(ngram_size=2)}
+    assert all("repeat guard: 2-grams" in s.description for s in guarded)
+    plain = build_systems(["base", "gated"], gated, tokenizer, repeat_guard=False)
+    assert all(s.repeat_guard is None and "no repeat guard" in s.description for s in plain)
+    with_guard, _ = rollout(guarded[2:], scripts[:2], tokenizer, max_new_tokens=8)
+    without, _ = rollout(plain[1:], scripts[:2], tokenizer, max_new_tokens=8)
+    # The random model repeats itself; the guard (bigrams banned) changes its replies.
+    assert [r.replies for r in with_guard["gated"]] != [r.replies for r in without["gated"]]
