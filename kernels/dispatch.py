@@ -92,6 +92,7 @@ def multi_lora(
     expert_ids: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Gated multi-LoRA delta: ``out[t] += scaling * sum_e gate[t, e] * B_e A_e x[t]``.
 
@@ -106,6 +107,8 @@ def multi_lora(
         expert_ids: ``[tokens, k]`` expert ids for top-k routing, or None for dense.
         out: ``[tokens, out]`` accumulated into when given (the base layer's output).
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+        validate: check the inputs first (:func:`check_inputs`, which reads expert ids back to the
+            host); callers that built and checked their routing once per forward pass False.
 
     Returns:
         ``out`` with the delta added, or a new ``[tokens, out]`` tensor.
@@ -115,7 +118,8 @@ def multi_lora(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    check_inputs(x, lora_A, lora_B, gate, scaling, expert_ids, out)
+    if validate:
+        check_inputs(x, lora_A, lora_B, gate, scaling, expert_ids, out)
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         from .autograd import multi_lora_triton  # imported late: Triton's mode is fixed when kernels are defined
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .routing import RoutingPlan
+
 
 @dataclass
 class GateState:
@@ -24,11 +26,14 @@ class GateState:
         turn_weights: ``[batch, turns, E]`` weights of every turn seen so far.
         last_turn: ``[batch]`` the newest turn id of each row (its weights apply to new tokens).
         memory: ``[batch, hidden]`` the ``"ema"`` context after ``last_turn``, else None.
+        plan: the routing of tokens that continue turn ``last_turn`` (decoding its reply),
+            built by the model on first use and reused at every decode step, else None.
     """
 
     turn_weights: torch.Tensor
     last_turn: torch.Tensor
     memory: torch.Tensor | None = None
+    plan: RoutingPlan | None = None
 
 
 @dataclass

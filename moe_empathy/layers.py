@@ -5,11 +5,11 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
 * ``base_layer`` is the frozen original ``nn.Linear``; its output is always computed.
 * ``lora_A [E, r, in]`` and ``lora_B [E, out, r]`` hold the ``E`` experts; ``B`` starts at
   zero, so a fresh layer equals its base exactly.
-* The per-token gate comes from a :class:`TokenRouting` that the decoder layer's
-  forward pre-hook hands to its expert linears for the duration of that layer's call
-  (the routing travels as a keyword argument of the decoder layer, so gradient
-  checkpointing's recomputation sees the very same gate).
-* Forward dispatch, in order: no routing (experts disabled, or a call outside the gated
+* The per-token gate comes from the :class:`~moe_empathy.routing.RoutingPlan` in the
+  model's shared :class:`~moe_empathy.routing.RoutingSlot` (``routing_slot``), set by a
+  pre-hook from the decoder layer's keyword arguments, so gradient checkpointing's
+  recomputation sees the very same plan. The plan was built and checked once per forward.
+* Forward dispatch, in order: no plan (experts disabled, or a call outside the gated
   model) -> base; one mixture shared by every token, without autograd -> one GEMM with
   the folded weight; otherwise base GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
 """
@@ -17,34 +17,13 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .kernels import multi_lora
+from .routing import RoutingPlan, RoutingSlot
 
 ROUTING_KWARG = "moe_routing"
-
-
-@dataclass
-class TokenRouting:
-    """The gate's decision for every token of one forward.
-
-    Args:
-        weights: ``[batch, seq, E]`` dense gate weights (zero outside the chosen experts).
-        expert_ids: ``[batch, seq, k]`` chosen experts for top-k gates, else None.
-        topk_weights: ``[batch, seq, k]`` weights of the chosen experts, else None.
-        merged_gate: ``[E]`` the one mixture shared by every non-padding token (batch 1 and
-            one turn, or a forced gate), which layers may fold into their weight; else None.
-        merged_key: a hashable copy of ``merged_gate`` that identifies the folded weight.
-    """
-
-    weights: torch.Tensor
-    expert_ids: torch.Tensor | None = None
-    topk_weights: torch.Tensor | None = None
-    merged_gate: torch.Tensor | None = None
-    merged_key: tuple | None = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -80,7 +59,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.routing: TokenRouting | None = None
+        self.routing_slot: RoutingSlot | None = None  # shared with the model's other expert linears
         self._merged: tuple[tuple, torch.Tensor] | None = None
         self.reset_lora_parameters()
 
@@ -100,32 +79,32 @@ class MultiLoraLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
-        routing = self.routing
-        if routing is None:
+        plan = self.routing_slot.plan if self.routing_slot is not None else None
+        if plan is None:
             return self.base_layer(x)
-        if routing.merged_key is not None and not torch.is_grad_enabled():
-            return nn.functional.linear(x, self._merged_weight(routing), self.base_layer.bias)
+        if plan.fold_key is not None and not torch.is_grad_enabled():
+            return nn.functional.linear(x, self._merged_weight(plan), self.base_layer.bias)
         result = self.base_layer(x)  # [batch, seq, out]
         flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]
         flat_out = result.reshape(-1, self.out_features)  # [tokens, out]
-        if routing.expert_ids is not None:
-            gate = routing.topk_weights.reshape(-1, routing.topk_weights.shape[-1])  # [tokens, k]
-            expert_ids = routing.expert_ids.reshape(-1, routing.expert_ids.shape[-1])  # [tokens, k]
+        if plan.expert_ids is not None:
+            gate = plan.topk_weights.reshape(-1, plan.topk_weights.shape[-1])  # [tokens, k]
+            expert_ids = plan.expert_ids.reshape(-1, plan.expert_ids.shape[-1])  # [tokens, k]
         else:
-            gate = routing.weights.reshape(-1, self.num_experts)  # [tokens, E]
+            gate = plan.weights.reshape(-1, self.num_experts)  # [tokens, E]
             expert_ids = None
         flat_out = multi_lora(
             flat_x, self.lora_A, self.lora_B, gate.to(x.dtype), self.scaling,
-            expert_ids=expert_ids, out=flat_out, backend=self.kernel_backend,
+            expert_ids=expert_ids, out=flat_out, backend=self.kernel_backend, validate=False,
         )
         return flat_out.view_as(result)
 
-    def _merged_weight(self, routing: TokenRouting) -> torch.Tensor:
+    def _merged_weight(self, plan: RoutingPlan) -> torch.Tensor:
         """``W + scaling * B_cat diag(g) A_cat`` for a turn-constant gate, cached per mixture."""
         # Optimiser steps and loads bump the parameters' versions, which invalidates the fold.
-        key = (routing.merged_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
+        key = (plan.fold_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
         if self._merged is None or self._merged[0] != key:
-            gate = routing.merged_gate.to(self.lora_A.dtype)  # [E]
+            gate = plan.fold.to(self.lora_A.dtype)  # [E]
             a_cat = self.lora_A.reshape(-1, self.in_features)  # [E*r, in]
             b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, E*r]
             scale = (gate * self.scaling).repeat_interleave(self.rank)  # [E*r]
@@ -165,6 +144,7 @@ def inject_experts(
     alpha: float,
     dropout: float,
     kernel_backend: str,
+    routing_slot: RoutingSlot | None = None,
 ) -> dict[str, MultiLoraLinear]:
     """Replaces each targeted ``nn.Linear`` in decoder layers ``>= first_layer`` by a
     :class:`MultiLoraLinear` wrapping it.
@@ -174,6 +154,7 @@ def inject_experts(
         target_modules: last path components of the linears to wrap, e.g. ``["q_proj", "v_proj"]``.
         first_layer: index of the first decoder layer that gets experts.
         num_experts, rank, alpha, dropout, kernel_backend: see :class:`MultiLoraLinear`.
+        routing_slot: the slot every new layer reads its routing plan from.
 
     Returns:
         The new layers by their path inside ``model``.
@@ -188,6 +169,7 @@ def inject_experts(
                 continue
             parent = layers[index].get_submodule(name.rsplit(".", 1)[0]) if "." in name else layers[index]
             wrapped = MultiLoraLinear(module, num_experts, rank, alpha, dropout, kernel_backend)
+            wrapped.routing_slot = routing_slot
             setattr(parent, leaf, wrapped)
             found[f"{prefix}.{index}.{name}"] = wrapped
     missing = set(target_modules) - {path.rsplit(".", 1)[-1] for path in found}

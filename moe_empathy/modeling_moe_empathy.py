@@ -32,8 +32,9 @@ from .base import load_base
 from .cache import attach_gate_state, gate_state_of
 from .configuration_moe_empathy import MoeEmpathyConfig
 from .gate import GateOutput, GateState, TurnGate, gate_losses
-from .layers import ROUTING_KWARG, MultiLoraLinear, TokenRouting, decoder_layers, inject_experts
+from .layers import ROUTING_KWARG, MultiLoraLinear, decoder_layers, inject_experts
 from .peft_io import adapters_span, export_expert, import_expert
+from .routing import RoutingPlan, RoutingSlot
 from .utils import atomic_write_text, make_temp_dir
 from .turns import derive_turn_ids, find_turn_markers, validate_turn_ids
 
@@ -68,14 +69,18 @@ class MoeEmpathyCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 @dataclass
 class _GateCall:
-    """One forward's routing inputs, handed to the decoder layers as a keyword argument."""
+    """One forward's routing inputs, handed to the decoder layers as a keyword argument.
 
-    turn_ids: torch.Tensor  # [batch, seq]
-    gate_mask: torch.Tensor  # [batch, seq]
+    ``plan`` is set when the forward continues a decided turn; otherwise the gate layer's
+    pre-hook decides the gate (``output``) and builds the plan from it.
+    """
+
+    turn_ids: torch.Tensor | None  # [batch, seq]
+    gate_mask: torch.Tensor | None  # [batch, seq]
     state: GateState | None
     forced: torch.Tensor | None  # [E], or [batch, E] one mixture per row
     output: GateOutput | None = None
-    routing: TokenRouting | None = None
+    plan: RoutingPlan | None = None
 
 
 @dataclass
@@ -172,6 +177,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             base_model = AutoModelForCausalLM.from_config(config.text_config)
         self.model = base_model
         self.model.requires_grad_(False)
+        self._routing_slot = RoutingSlot()
         self.experts = inject_experts(
             self.model,
             config.target_modules,
@@ -181,6 +187,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             config.lora_alpha,
             config.lora_dropout,
             config.kernel_backend,
+            self._routing_slot,
         )
         self.gate = TurnGate(
             config.text_config.hidden_size,
@@ -274,56 +281,57 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         export_expert(self, name, folder)
 
     def _install_hooks(self) -> None:
-        """Routes the experts of every decoder layer ``>= gate_layer`` through forward hooks.
+        """Decides the gate at decoder layer ``gate_layer`` and hands its plan to the experts.
 
-        Hooks on a decoder layer run outside transformers' gradient checkpointing (which
-        wraps the layer's ``forward``), so the routing is also set by a pre-hook on the
-        layer's ``self_attn``, which runs inside it: the recomputation in backward then
-        sees the very same gate tensor, handed down as a keyword argument.
+        A pre-hook on layer ``gate_layer`` runs the gate on the hidden states entering it and
+        builds the forward's routing plan. A pre-hook on each expert layer's ``self_attn`` (the
+        layer itself when it has none) puts the plan of the layer's own ``ROUTING_KWARG`` into
+        the routing slot: it runs inside transformers' gradient checkpointing (which wraps the
+        layer's ``forward``), so the recomputation in backward sees the very same plan.
         """
         layers = decoder_layers(self.model)
-        self._expert_layers: dict[int, list[MultiLoraLinear]] = {}
-        for index in range(self.config.gate_layer, len(layers)):
-            self._expert_layers[index] = [m for m in layers[index].modules() if isinstance(m, MultiLoraLinear)]
-            layers[index].register_forward_pre_hook(partial(self._layer_pre_hook, index), with_kwargs=True)
-            layers[index].register_forward_hook(partial(self._layer_post_hook, index), with_kwargs=True)
-            attention = getattr(layers[index], "self_attn", None)
-            if attention is not None:
-                attention.register_forward_pre_hook(partial(self._attention_pre_hook, index), with_kwargs=True)
+        self._expert_layer_ids = range(self.config.gate_layer, len(layers))
+        layers[self.config.gate_layer].register_forward_pre_hook(self._gate_pre_hook, with_kwargs=True)
+        for index in self._expert_layer_ids:
+            target = getattr(layers[index], "self_attn", None) or layers[index]
+            target.register_forward_pre_hook(self._plan_pre_hook, with_kwargs=True)
 
-    def _layer_pre_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Decides the gate at ``gate_layer`` (from the states entering it) and routes the layer."""
+    def _gate_pre_hook(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decides the gate from the states entering ``gate_layer`` and plans the forward."""
         call: _GateCall | None = kwargs.get(ROUTING_KWARG)
-        if call is not None and index == self.config.gate_layer:
+        if call is not None and call.plan is None:
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
             call.output = self.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
-            call.routing = self._token_routing(call.output, call.turn_ids, forced=call.forced is not None)
-        self._set_routing(index, call.routing if call is not None else None)
+            call.plan = self._plan(call.output.weights, call.turn_ids)
 
-    def _attention_pre_hook(self, index: int, attention: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _plan_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call: _GateCall | None = kwargs.get(ROUTING_KWARG)
-        self._set_routing(index, call.routing if call is not None else None)
+        self._routing_slot.plan = call.plan if call is not None else None
 
-    def _layer_post_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        self._set_routing(index, None)
+    def _plan(self, turn_weights: torch.Tensor, turn_ids: torch.Tensor) -> RoutingPlan:
+        """Spreads each turn's mixture over its tokens.
 
-    def _set_routing(self, index: int, routing: TokenRouting | None) -> None:
-        for linear in self._expert_layers[index]:
-            linear.routing = routing
+        Args:
+            turn_weights: ``[batch, turns, E]`` the gate's weights of each turn.
+            turn_ids: ``[batch, seq]`` each token's turn, -1 on padding.
+        """
+        index = turn_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, turn_weights.shape[-1])  # [batch, seq, E]
+        valid = turn_ids >= 0  # [batch, seq]
+        weights = turn_weights.gather(1, index) * valid.unsqueeze(-1)  # [batch, seq, E]
+        top_k = self.config.gate_top_k if self.config.gate_type == "top_k" and self._forced is None else None
+        return RoutingPlan.build(weights, valid, top_k, may_fold=not torch.is_grad_enabled() and not self.training)
 
-    def _token_routing(self, output: GateOutput, turn_ids: torch.Tensor, forced: bool) -> TokenRouting:
-        """Spreads each turn's mixture over its tokens."""
-        num_experts = self.config.num_experts
-        index = turn_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, num_experts)  # [batch, seq, E]
-        weights = output.weights.gather(1, index) * (turn_ids >= 0).unsqueeze(-1)  # [batch, seq, E]
-        routing = TokenRouting(weights)
-        if self.config.gate_type == "top_k" and not forced:
-            routing.topk_weights, routing.expert_ids = weights.topk(self.config.gate_top_k, dim=-1)
-        if not torch.is_grad_enabled() and not self.training:
-            rows = weights[turn_ids >= 0]  # [tokens, E]
-            if rows.shape[0] and bool((rows == rows[0]).all()):
-                routing.merged_gate, routing.merged_key = rows[0], tuple(rows[0].tolist())
-        return routing
+    def _continuing_call(self, state: GateState | None, seq: int) -> _GateCall:
+        """The routing of ``seq`` tokens per row that continue the turn open in ``state``: its
+        plan is built once per turn and kept on the state, so a decode step derives nothing."""
+        if state is None:
+            raise ValueError(
+                "continues_turn=True continues the turn open at the end of a KV cache, but no gate state came with "
+                "it; pass the `cache` returned by an earlier forward of this model (or drop continues_turn)"
+            )
+        if state.plan is None:
+            state.plan = self._plan(state.turn_weights, state.last_turn.view(-1, 1))  # one token per row
+        return _GateCall(None, None, state, self._forced, plan=state.plan.repeat_tokens(seq))
 
     # ----------------------------------------------------------------- forward
 
@@ -341,6 +349,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         gate_mask: torch.LongTensor | None = None,
         gate_labels: torch.LongTensor | None = None,
         gate_state: GateState | None = None,
+        continues_turn: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoeEmpathyCausalLMOutputWithPast:
@@ -356,24 +365,34 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             gate_labels: ``[batch, turns]`` expert index expected for each turn (-100 = none).
             gate_state: the gate's state when continuing a KV cache; by default the one this
                 model stored on ``cache`` at its previous forward.
+            continues_turn: every input token continues the reply of the turn open at the end of
+                ``cache`` (how ``generate`` decodes): the turn's routing is reused from the gate's
+                state, and neither turns nor gate are derived again (``turn_ids`` is ignored).
         """
         if gate_state is None:
             gate_state = gate_state_of(cache)
         call = None
         if not self._experts_disabled:
-            call = self._gate_call(input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state)
+            if continues_turn:
+                width = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                call = self._continuing_call(gate_state, width)
+            else:
+                call = self._gate_call(input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state)
             kwargs[ROUTING_KWARG] = call
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        finally:
+            self._routing_slot.plan = None
         result = MoeEmpathyCausalLMOutputWithPast(
             loss=outputs.loss,
             lm_loss=outputs.loss,
@@ -382,7 +401,13 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        if call is None or call.output is None:
+        if call is None:
+            return result
+        if call.output is None:  # a decided turn continues: no new decision, no gate loss
+            result.gate_weights, result.gate_state = gate_state.turn_weights, gate_state
+            attach_gate_state(outputs.cache, gate_state)
+            if self._routing_log is not None:
+                self._routing_calls += 1
             return result
         gate = call.output
         if gate_labels is not None:
@@ -446,8 +471,11 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------- generation
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def prepare_inputs_for_generation(self, input_ids, turn_ids=None, gate_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, turn_ids=None, gate_mask=None, continues_turn=False, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if continues_turn:  # decoding a reply on the cache: the turn's routing is on its gate state
+            inputs["continues_turn"] = True
+            return inputs
         width = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
         # Assisted and prompt-lookup decoding append candidate tokens beyond the kwargs' length.
         turn_ids, gate_mask = _extend_with_reply(turn_ids, gate_mask, input_ids.shape[1])
@@ -461,6 +489,12 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
+        if gate_state_of(model_kwargs.get("cache")) is not None:
+            # Every later step decodes the reply of the turn just decided: its routing is on the cache.
+            model_kwargs["continues_turn"] = True
+            model_kwargs.pop("turn_ids", None)
+            model_kwargs.pop("gate_mask", None)
+            return model_kwargs
         turn_ids, gate_mask = model_kwargs.get("turn_ids"), model_kwargs.get("gate_mask")
         reference = turn_ids if turn_ids is not None else gate_mask
         if reference is not None:
@@ -495,7 +529,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         if kwargs["use_reentrant"]:
             raise ValueError("use_reentrant=True cannot carry the gate's gradient; use use_reentrant=False")
         layers = decoder_layers(self.model)
-        if any(getattr(layers[i], "self_attn", None) is None for i in self._expert_layers):
+        if any(getattr(layers[i], "self_attn", None) is None for i in self._expert_layer_ids):
             raise ValueError(
                 "activation checkpointing needs a `self_attn` module in every decoder layer to re-route the experts "
                 f"during recomputation; {type(layers[self.config.gate_layer]).__name__} has none"

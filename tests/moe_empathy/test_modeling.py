@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_empathy import MoeEmpathyForCausalLM, encode_chat
+from moe_empathy import modeling_moe_empathy as modeling
 from moe_empathy.cache import gate_state_of
 
 from .conftest import randomise_experts, tiny_base
@@ -387,3 +388,37 @@ def test_gate_labels_with_the_wrong_number_of_turns_are_refused(model, tokenizer
     enc = encode_chat(tokenizer, dialogue)  # 3 turns
     with pytest.raises(ValueError, match=r"gate_labels must have shape \[batch, turns\] = \[1, 3\]"):
         model(**{k: enc[k] for k in ("input_ids", "turn_ids", "gate_mask")}, gate_labels=torch.zeros(1, turns, dtype=torch.long))
+
+
+@pytest.mark.parametrize("gate_type", ["soft", "top_k"])
+def test_decode_steps_reuse_the_turns_plan_without_deriving_anything(tokenizer, dialogue, gate_type, monkeypatch):
+    model = MoeEmpathyForCausalLM.from_base(
+        tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1, gate_type=gate_type, gate_top_k=2
+    ).eval()
+    randomise_experts(model, std=0.5)
+    enc = encode_chat(tokenizer, [dialogue, dialogue[:3]], add_generation_prompt=True)
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
+    reference = model.generate(**inputs, use_cache=False, **kwargs)
+    calls = {"gate": 0, "derive": 0}
+    gate_forward, derive = model.gate.forward, modeling.derive_turn_ids
+    monkeypatch.setattr(model.gate, "forward", lambda *a, **k: calls.__setitem__("gate", calls["gate"] + 1) or gate_forward(*a, **k))
+    monkeypatch.setattr(modeling, "derive_turn_ids", lambda *a, **k: calls.__setitem__("derive", calls["derive"] + 1) or derive(*a, **k))
+    monkeypatch.setattr(modeling, "validate_turn_ids", lambda *a, **k: calls.__setitem__("validate", calls.get("validate", 0) + 1))
+    cached = model.generate(**inputs, **kwargs)
+    assert torch.equal(cached, reference)
+    assert calls == {"gate": 1, "derive": 0, "validate": 1}  # the prefill only
+    assert model._routing_slot.plan is None  # nothing routed outside a forward
+
+
+def test_continuing_a_turn_equals_deriving_it_and_needs_a_cache(model, tokenizer, dialogue):
+    enc = encode_chat(tokenizer, dialogue, add_generation_prompt=True)
+    with torch.no_grad():
+        prefill = model(input_ids=enc["input_ids"], use_cache=True)
+        step = torch.tensor([[42, 43]])
+        derived = model(input_ids=step, cache=copy.deepcopy(prefill.cache), use_cache=True)
+        continued = model(input_ids=step, cache=prefill.cache, use_cache=True, continues_turn=True)
+        torch.testing.assert_close(continued.logits, derived.logits)
+        assert torch.equal(continued.gate_weights, prefill.gate_weights)
+        with pytest.raises(ValueError, match="continues_turn=True .* no gate state"):
+            model(input_ids=step, continues_turn=True)
