@@ -92,7 +92,7 @@ def restrict_to_expert(row: dict, expert: int) -> dict | None:
 
 @dataclass
 class DialogueCollator:
-    """Right-pads encoded dialogues into a batch.
+    """Right-pads encoded dialogues into a batch (with their ``dialogue_index`` when the rows carry one).
 
     Args:
         pad_token_id: id written on padding positions.
@@ -117,6 +117,8 @@ class DialogueCollator:
             ),  # [batch, seq]
             "labels": pad("labels", IGNORE_INDEX, width),  # [batch, seq]
         }
+        if "dialogue_index" in rows[0]:
+            batch["dialogue_index"] = torch.tensor([r["dialogue_index"] for r in rows], dtype=torch.long)  # [batch]
         if self.with_gate:
             batch["turn_ids"] = pad("turn_ids", -1, width)  # [batch, seq]
             batch["gate_mask"] = pad("gate_mask", 0, width)  # [batch, seq]

@@ -30,6 +30,9 @@ TINY_BASE = "tiny"
 BUDGET_KEYS = ("training.max_steps",)
 BATCHING = ("bucket", "pad")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+PREFIX_CACHE_MODES = ("auto", "on", "off")
+PREFIX_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+GATED_METHODS = ("gated", "gated_from_experts")
 
 
 class ConfigError(ValueError):
@@ -143,6 +146,19 @@ class TrainingSection:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
     progress_bar: bool = field(default=True, metadata={"help": "show the rich progress bar"})
+    prefix_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "train on the hidden states entering gate_layer, computed once per dialogue: 'on', 'off', or "
+            "'auto' (on for a gated model with gate_layer > 0 trained by one process without CUDA)"
+        },
+    )
+    prefix_cache_dtype: str = field(
+        default="float32", metadata={"help": f"storage dtype of the cached states, one of {PREFIX_CACHE_DTYPES}"}
+    )
+    prefix_cache_dir: str | None = field(
+        default=None, metadata={"help": "folder of the cache files; None: $MOE_EMPATHY_CACHE/prefix-cache"}
+    )
 
 
 @dataclass
@@ -166,6 +182,17 @@ class TrainConfig:
             raise ConfigError(f"data.batching: {self.data.batching!r} is not one of {BATCHING}")
         if self.training.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"training.mixed_precision: {self.training.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if self.training.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ConfigError(f"training.prefix_cache: {self.training.prefix_cache!r} is not one of {PREFIX_CACHE_MODES}")
+        if self.training.prefix_cache_dtype not in PREFIX_CACHE_DTYPES:
+            raise ConfigError(
+                f"training.prefix_cache_dtype: {self.training.prefix_cache_dtype!r} is not one of {PREFIX_CACHE_DTYPES}"
+            )
+        if self.training.prefix_cache == "on" and self.method not in GATED_METHODS:
+            raise ConfigError(
+                f"training.prefix_cache: on needs a gated model, but method is {self.method!r} (a peft baseline); "
+                "set training.prefix_cache to auto or off"
+            )
         positive = {
             "data.max_length": self.data.max_length,
             "data.bucket_size": self.data.bucket_size,

@@ -42,6 +42,7 @@ from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
 from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config
+from .prefix_cache import PrefixCache, forward_from_prefix, use_prefix_cache
 
 TRAINER_STATE_NAME = "trainer_state.json"
 STAGING_PREFIX = "tmp-"
@@ -53,16 +54,22 @@ MODEL_FILES = ("config.json", "generation_config.json", COMPACT_WEIGHTS, "adapte
 
 
 class EncodedDialogues(Dataset):
-    """Encoded dialogues (rows of :func:`.collate.encode_dialogue`) as a map-style dataset."""
+    """Encoded dialogues (rows of :func:`.collate.encode_dialogue`) as a map-style dataset.
 
-    def __init__(self, rows: list[dict]):
+    Args:
+        rows: the encoded dialogues.
+        with_index: add each row's dataset index as ``dialogue_index`` (the prefix cache's key).
+    """
+
+    def __init__(self, rows: list[dict], with_index: bool = False):
         self.rows = rows
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+        return {**self.rows[index], "dialogue_index": index} if self.with_index else self.rows[index]
 
     @property
     def lengths(self) -> list[int]:
@@ -96,14 +103,27 @@ class MoeEmpathyTrainer(Trainer):
         train_lengths: token count of every training dialogue (for the length buckets).
         bucket_size: global batches per length bucket.
         sort_by_length: bucket by length (False: plain seeded shuffling, padding to the longest).
+        prefix_cache: train on the cached states entering ``gate_layer`` (batches then carry
+            ``dialogue_index``); one process only.
         *args, **kwargs: as for ``Trainer``.
     """
 
-    def __init__(self, *args, train_lengths: list[int], bucket_size: int = 32, sort_by_length: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        train_lengths: list[int],
+        bucket_size: int = 32,
+        sort_by_length: bool = True,
+        prefix_cache: PrefixCache | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.train_lengths = train_lengths
         self.bucket_size = bucket_size
         self.sort_by_length = sort_by_length
+        self.prefix_cache = prefix_cache
+        if prefix_cache is not None:
+            use_prefix_cache("on", self.accelerator.unwrap_model(self.model), self.accelerator.num_processes)
         self._buffers = {"train": _Buffer.empty(), "eval": _Buffer.empty()}
         self._metric_prefix = "eval"
         self._last_log_time = time.perf_counter()
@@ -122,11 +142,18 @@ class MoeEmpathyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """LM loss on assistant tokens plus the gate's weighted losses (see the module docstring)."""
         labels = inputs.pop("labels")  # [batch, seq]
-        outputs = model(**inputs)
-        logits = outputs.logits.float()  # [batch, seq, vocab]
+        index = inputs.pop("dialogue_index", None)  # [batch], only with a prefix cache
         # Position t predicts token t + 1; shifting the labels (not slicing the logits) spares a
         # full-size copy of the logits' gradient.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [batch, seq]
+        if index is not None and self.prefix_cache is not None:
+            # The top layers only, on the cached prefix; logits only where a label is predicted.
+            keep = targets != IGNORE_INDEX  # [batch, seq]
+            outputs = self._forward_from_prefix(model, inputs, index, keep)
+            targets = targets[keep]  # [n]
+        else:
+            outputs = model(**inputs)
+        logits = outputs.logits.float()  # [batch, seq, vocab], or [n, vocab] from the prefix
         lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         tokens = (targets != IGNORE_INDEX).sum()
         aux = getattr(outputs, "aux_loss", None)
@@ -144,6 +171,22 @@ class MoeEmpathyTrainer(Trainer):
             loss = lm_sum / tokens.clamp(min=1) + aux
         self._record(outputs, inputs, lm_sum.detach(), tokens, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
+
+    def _forward_from_prefix(self, model, inputs: dict, index: torch.Tensor, keep: torch.Tensor):
+        """The gated model's output from ``gate_layer`` up on the cached prefix of the batch's dialogues.
+
+        Args:
+            model: the model being trained (one process, so not wrapped for data parallelism).
+            inputs: the batch without ``labels``.
+            index: ``[batch]`` dataset index of each row.
+            keep: ``[batch, seq]`` positions whose logits are wanted.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():  # the mixed precision the wrapped forward would apply
+            prefix = self.prefix_cache.batch(unwrapped, index, inputs["input_ids"], inputs["attention_mask"])
+            return forward_from_prefix(
+                unwrapped, prefix, inputs["attention_mask"], inputs["turn_ids"], inputs["gate_mask"], inputs.get("gate_labels"), keep
+            )
 
     def _gate_loss_sums(self, model, outputs, gate_labels: torch.Tensor) -> torch.Tensor:
         """Weighted sums over this micro-batch's labelled turns of the gate-label cross-entropy
@@ -339,6 +382,23 @@ class JsonlLogCallback(TrainerCallback):
             out.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
 
 
+class PrefixCacheCallback(TrainerCallback):
+    """Writes the prefix cache's new states to its file at the end of each epoch and of training.
+
+    Args:
+        cache: the run's prefix cache.
+    """
+
+    def __init__(self, cache: PrefixCache):
+        self.cache = cache
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.cache.save()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.cache.save()
+
+
 class RichProgressCallback(TrainerCallback):
     """A rich progress bar with loss, gate accuracy, gate entropy and tokens/s (main process).
 
@@ -518,19 +578,31 @@ def run_training(
     """
     output_dir = Path(output_dir)
     args = training_arguments(config, str(output_dir), max_steps)
+    t = config.training
+    train_set, cache = datasets["train"], None
+    if use_prefix_cache(t.prefix_cache, model, args.world_size):
+        cache = PrefixCache(model, train_set.rows, t.prefix_cache_dtype, t.prefix_cache_dir)
+        train_set = EncodedDialogues(train_set.rows, with_index=True)
+        Console(stderr=True).print(
+            f"prefix cache: {cache.path} ({len(cache)} of {len(train_set)} training dialogues cached; the rest are "
+            "computed when first met)", highlight=False,
+        )
     trainer = MoeEmpathyTrainer(
         model=model,
         args=args,
-        train_dataset=datasets["train"],
+        train_dataset=train_set,
         eval_dataset=datasets["validation"],
         data_collator=DialogueCollator(pad_token_id, with_gate=with_gate),
-        train_lengths=datasets["train"].lengths,
+        train_lengths=train_set.lengths,
         bucket_size=config.data.bucket_size,
         sort_by_length=config.data.batching == "bucket",
+        prefix_cache=cache,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(JsonlLogCallback(output_dir))
+    if cache is not None:
+        trainer.add_callback(PrefixCacheCallback(cache))
     if config.training.progress_bar:
         trainer.add_callback(RichProgressCallback(description))
     if config.training.activation_checkpointing:
@@ -554,6 +626,7 @@ def run_training(
         "test": test,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_eval_loss": trainer.state.best_metric,
+        "prefix_cache": str(cache.path) if cache is not None else None,
         "dialogues": {name: len(ds) for name, ds in datasets.items()},
         "padding_fraction": padding_report(
             datasets["train"].lengths,
