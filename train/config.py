@@ -354,11 +354,16 @@ def config_from_dict(values: dict, check_paths: bool = True) -> TrainConfig:
     return config
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """``override`` over ``base``, merging nested mappings key by key."""
+def merge_config_values(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, merging nested mappings key by key.
+
+    Args:
+        base: config values (nested mappings).
+        override: the values that replace them.
+    """
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = merge_config_values(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
 
@@ -375,7 +380,7 @@ def _read_values(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = values.pop("extends", None) if isinstance(values, dict) else None
     if parent is None:
         return values
-    return _merge(_read_values(path.parent / str(parent), seen + (path.resolve(),)), values)
+    return merge_config_values(_read_values(path.parent / str(parent), seen + (path.resolve(),)), values)
 
 
 def load_config(path: str | Path, check_paths: bool = True) -> TrainConfig:

@@ -41,7 +41,7 @@ from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausa
 from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
-from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config
+from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config, merge_config_values
 from .prefix_cache import PrefixCache, forward_from_prefix, use_prefix_cache
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -700,7 +700,8 @@ def check_resume_config(config: TrainConfig, resume: str | os.PathLike) -> None:
             f"{record} not found: it records the config that produced the checkpoints of {run_dir}; "
             "copy that run's config.yaml there to resume"
         )
-    recorded = yaml.safe_load(record.read_text())
+    # A key added to the config since the run started (training.prefix_cache...) counts as its default.
+    recorded = merge_config_values(TrainConfig().to_dict(), yaml.safe_load(record.read_text()))
     changed = changed_keys(recorded, config.to_dict())
     if changed:
         raise ValueError(

@@ -7,7 +7,7 @@ import yaml
 
 from moe_empathy.train.config import ConfigError, TrainConfig, changed_keys, config_from_dict, load_config
 from moe_empathy.train.trainer import train
-from train_support import CONFIGS
+from train_support import CONFIGS, corpus_dir, tiny_config  # noqa: F401  (fixture)
 
 
 def _values(tmp_path, **changes) -> dict:
@@ -157,3 +157,16 @@ def test_resume_refuses_a_changed_or_bad_config_and_keeps_the_record(tmp_path):
     (run / "config.yaml").unlink()
     with pytest.raises(FileNotFoundError, match="config.yaml not found.*copy that run's config.yaml"):
         train(changed, run, resume=run)
+
+
+def test_resume_takes_keys_added_since_the_run_started_as_their_defaults(corpus_dir, tmp_path):
+    from moe_empathy.train.trainer import CONFIG_RECORD, check_resume_config
+
+    config = tiny_config(corpus_dir)
+    recorded = config.to_dict()
+    for key in ("prefix_cache", "prefix_cache_dtype", "prefix_cache_dir"):
+        del recorded["training"][key]  # a run started before the prefix cache existed
+    (tmp_path / CONFIG_RECORD).write_text(yaml.safe_dump(recorded))
+    check_resume_config(config, tmp_path)
+    with pytest.raises(ValueError, match=r"in \['training.prefix_cache'\]"):
+        check_resume_config(tiny_config(corpus_dir, training={"prefix_cache": "off"}), tmp_path)
