@@ -30,7 +30,9 @@ EXTERNAL_COMMANDS = {
              ["moe_empathy.eval.validate_scorers:add_parser", "moe_empathy.eval.cli:add_run_parser"]),
     "inspect": ("show one dialogue's per-turn gate weights (terminal table and PNG)", False,
                 ["moe_empathy.eval.cli:add_inspect_parser"]),
-    "bench": ("benchmarks", True, ["moe_empathy.bench_model:add_parser", "moe_empathy.kernels.bench:add_parser"]),
+    "bench": ("benchmarks", True, [
+        "moe_empathy.bench_model:add_parser", "moe_empathy.bench_decode:add_parser", "moe_empathy.kernels.bench:add_parser",
+    ]),
 }
 
 DEMO_DIALOGUES = {

@@ -82,7 +82,7 @@ class MultiLoraLinear(nn.Module):
         plan = self.routing_slot.plan if self.routing_slot is not None else None
         if plan is None:
             return self.base_layer(x)
-        if plan.fold_key is not None and not torch.is_grad_enabled():
+        if plan.fold_key is not None and not torch.is_grad_enabled() and not self.training:
             return nn.functional.linear(x, self._merged_weight(plan), self.base_layer.bias)
         result = self.base_layer(x)  # [batch, seq, out]
         flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]

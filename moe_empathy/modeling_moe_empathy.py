@@ -319,6 +319,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         valid = turn_ids >= 0  # [batch, seq]
         weights = turn_weights.gather(1, index) * valid.unsqueeze(-1)  # [batch, seq, E]
         top_k = self.config.gate_top_k if self.config.gate_type == "top_k" and self._forced is None else None
+        # Looking for a fold reads the weights back: only where a fold can be used (inference).
         return RoutingPlan.build(weights, valid, top_k, may_fold=not torch.is_grad_enabled() and not self.training)
 
     def _continuing_call(self, state: GateState | None, seq: int) -> _GateCall:
@@ -329,8 +330,12 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 "continues_turn=True continues the turn open at the end of a KV cache, but no gate state came with "
                 "it; pass the `cache` returned by an earlier forward of this model (or drop continues_turn)"
             )
-        if state.plan is None:
-            state.plan = self._plan(state.turn_weights, state.last_turn.view(-1, 1))  # one token per row
+        if state.plan is None:  # once per turn: the fold is looked for even when grad is on
+            last = state.last_turn.view(-1, 1)  # [batch, 1] one token per row
+            index = last.clamp(min=0).unsqueeze(-1).expand(-1, -1, state.turn_weights.shape[-1])  # [batch, 1, E]
+            weights = state.turn_weights.gather(1, index)  # [batch, 1, E]
+            top_k = self.config.gate_top_k if self.config.gate_type == "top_k" and self._forced is None else None
+            state.plan = RoutingPlan.build(weights, last >= 0, top_k, may_fold=True)
         return _GateCall(None, None, state, self._forced, plan=state.plan.repeat_tokens(seq))
 
     # ----------------------------------------------------------------- forward

@@ -1,0 +1,286 @@
+"""Decode-step benchmark: what one decoded token of the gated model costs above the base's.
+
+One decode step is a forward of one new token per row on a KV cache holding ``context``
+tokens, exactly as ``generate`` runs it after the prefill (for the gated model: the turn is
+already decided, ``continues_turn=True``). After each timed step the cache is cropped back,
+so every step sees the same context. Systems, side by side in one run (interleaved rounds,
+median of the steps): the base, and the gated model with experts on the top 10, 20 and 30
+decoder layers, each over its own copy of the same base. Mixtures:
+
+* ``fold``: every row shares one mixture (batch 1, or one forced mixture), which the expert
+  layers fold into their weights once per turn: a step is then the base's GEMMs;
+* ``per_row``: each row has its own mixture (batch > 1): the experts' delta is added per row.
+
+It writes ``decode_bench.csv``, ``decode_bench.png`` (overhead in ms against context length)
+and ``decode_profile.md`` (``torch.profiler``: where the time of one step goes, base beside
+gated). Run: ``moe-empathy bench decode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+EXPERT_LAYER_COUNTS = (10, 20, 30)
+
+
+def build_systems(base, tokenizer, expert_layers: list[int], rank: int) -> dict[str, torch.nn.Module]:
+    """The base and one gated model per number of expert layers, with non-zero experts.
+
+    Args:
+        base: the base causal LM (kept as the ``base`` system).
+        tokenizer: its tokenizer (for the turn markers).
+        expert_layers: numbers of top decoder layers that get experts.
+        rank: LoRA rank.
+    """
+    from .bench_model import _randomise_lora
+    from .modeling_moe_empathy import MoeEmpathyForCausalLM
+
+    layers = base.config.num_hidden_layers
+    systems = {"base": base.eval()}
+    for count in expert_layers:
+        if not 1 <= count <= layers:
+            raise ValueError(f"--expert-layers {count} is outside 1..{layers} (the base has {layers} decoder layers)")
+        gated = MoeEmpathyForCausalLM.from_base(
+            copy.deepcopy(base), tokenizer=tokenizer, lora_rank=rank, lora_alpha=2 * rank, gate_layer=layers - count
+        ).eval()
+        _randomise_lora(gated, count)
+        with torch.no_grad():  # a gate that gives every row its own mixture
+            for param in gated.gate.parameters():
+                param.add_(torch.randn_like(param) * 0.5)
+        systems[f"gated_{count}_layers"] = gated
+    return systems
+
+
+class DecodeStep:
+    """A KV cache filled with ``context`` tokens per row, and one timed decode step on it.
+
+    Args:
+        model: the system.
+        batch: rows.
+        context: cached tokens per row.
+        vocab: vocabulary size (random prompt tokens).
+        fold: gated models only: force one mixture shared by all rows.
+    """
+
+    def __init__(self, model, batch: int, context: int, vocab: int, fold: bool):
+        generator = torch.Generator().manual_seed(context + batch)
+        self.model = model
+        self.gated = hasattr(model, "force_gate")
+        shared = torch.arange(1.0, len(model.expert_names) + 1) if self.gated else None  # one mixture for all rows
+        self.forced = (shared / shared.sum()).tolist() if self.gated and fold else None
+        prompt = torch.randint(3, vocab, (batch, context), generator=generator)  # [batch, context]
+        self.mask = torch.ones(batch, context + 1, dtype=torch.long)  # [batch, context + 1]
+        self.token = torch.randint(3, vocab, (batch, 1), generator=generator)  # [batch, 1]
+        with torch.no_grad(), self._forcing():
+            self.cache = model(input_ids=prompt, use_cache=True).cache
+        if self.gated and fold != _shares_one_mixture(model, self.cache):
+            raise RuntimeError(f"the {'fold' if fold else 'per_row'} setting did not give the expected routing")
+
+    def _forcing(self):
+        from contextlib import nullcontext
+
+        return self.model.force_gate(self.forced) if self.forced is not None else nullcontext()
+
+    def __call__(self) -> float:
+        """Seconds of one decode step (the cache is cropped back afterwards, untimed)."""
+        extra = {"continues_turn": True} if self.gated else {}
+        with torch.no_grad(), self._forcing():
+            start = time.perf_counter()
+            self.model(input_ids=self.token, attention_mask=self.mask, cache=self.cache, use_cache=True, **extra)
+            elapsed = time.perf_counter() - start
+        self.cache.crop(-1)
+        return elapsed
+
+
+def _shares_one_mixture(model, cache) -> bool:
+    """Whether the decode plan of the turn held in ``cache`` folds (one mixture for all rows)."""
+    from .cache import gate_state_of
+
+    state = gate_state_of(cache)
+    plan = model._continuing_call(state, 1).plan
+    return plan.fold_key is not None
+
+
+def measure(systems: dict, batch_sizes: list[int], contexts: list[int], steps: int, repeats: int, vocab: int, progress=None) -> list[dict]:
+    """Median decode-step time of every system, batch size, mixture and context length.
+
+    Args:
+        systems: from :func:`build_systems`.
+        batch_sizes: rows per step.
+        contexts: cached tokens per row.
+        steps: timed steps per round.
+        repeats: rounds, interleaving the systems (one more warm-up round is discarded).
+        vocab: vocabulary size.
+        progress: a rich ``Progress`` to advance, or None.
+    """
+    settings = []
+    for batch in batch_sizes:
+        for mixture in ("fold", "per_row") if batch > 1 else ("fold",):
+            for context in contexts:
+                settings.append((batch, mixture, context))
+    task = progress.add_task("decode steps", total=len(settings) * len(systems) * (repeats + 1)) if progress else None
+    rows = []
+    for batch, mixture, context in settings:
+        stepper = {name: DecodeStep(model, batch, context, vocab, fold=mixture == "fold") for name, model in systems.items()}
+        samples: dict[str, list[float]] = {name: [] for name in systems}
+        for round_index in range(repeats + 1):  # round 0 warms up
+            for name, step in stepper.items():
+                times = [step() for _ in range(steps)]
+                if round_index:
+                    samples[name].extend(times)
+                if progress:
+                    progress.advance(task)
+        base_ms = statistics.median(samples["base"]) * 1e3
+        for name, times in samples.items():
+            ms = statistics.median(times) * 1e3
+            rows.append({
+                "system": name, "batch": batch, "mixture": mixture, "context": context, "step_ms": round(ms, 3),
+                "overhead_ms": round(ms - base_ms, 3), "tokens_per_s_vs_base": round(base_ms / ms, 4), "steps": len(times),
+            })
+    return rows
+
+
+def profile_steps(systems: dict, batch_sizes: list[int], context: int, vocab: int, steps: int = 8) -> str:
+    """A markdown report of ``torch.profiler`` over decode steps: the top operators of the
+    base and the gated model side by side, and the time inside this package's own code.
+
+    Args:
+        systems: from :func:`build_systems` (the base and the gated model with the fewest expert layers).
+        batch_sizes: rows per step.
+        context: cached tokens per row.
+        vocab: vocabulary size.
+        steps: profiled steps.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gated_name = next(name for name in systems if name != "base")
+    lines = ["# One decode step, profiled", "", f"Context {context} cached tokens, {steps} steps each; times are per step (profiler overhead included).", ""]
+    for batch in batch_sizes:
+        for name in ("base", gated_name):
+            step = DecodeStep(systems[name], batch, context, vocab, fold=batch == 1)
+            for _ in range(2):
+                step()
+            with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+                for _ in range(steps):
+                    step()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+            lines += [f"## {name}, batch {batch}: {total:.2f} ms of CPU per step", "", "| operator | ms/step | calls/step |", "| --- | --- | --- |"]
+            for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+                lines.append(f"| `{event.key[:70]}` | {event.self_cpu_time_total / steps / 1e3:.3f} | {event.count / steps:.0f} |")
+            own = [e for e in prof.key_averages(group_by_stack_n=1) if _is_model_code(e.key)]
+            if own:
+                lines += ["", "This package's own functions (total time inside, per step):", "", "| function | ms/step | calls/step |", "| --- | --- | --- |"]
+                seen = {}
+                for event in own:
+                    key = event.key.rsplit("/", 1)[-1][:80]
+                    ms, calls = seen.get(key, (0.0, 0.0))
+                    seen[key] = (max(ms, event.cpu_time_total / steps / 1e3), max(calls, event.count / steps))
+                for key, (ms, calls) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:10]:
+                    lines.append(f"| `{key}` | {ms:.3f} | {calls:.0f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _is_model_code(frame: str) -> bool:
+    """Whether a profiler frame is the model's or the kernels' code (not this benchmark's or the CLI's)."""
+    return ("moe_empathy" in frame or "kernels/" in frame) and not any(skip in frame for skip in ("bench_decode.py", "cli.py"))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from .utils import atomic_path
+
+    with atomic_path(path) as staging:
+        with open(staging, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    """Per-token overhead against context length, one line per system, one panel per batch/mixture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .utils import atomic_path
+
+    panels = sorted({(r["batch"], r["mixture"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (batch, mixture) in zip(axes[0], panels):
+        for system in sorted({r["system"] for r in rows if r["system"] != "base"}):
+            subset = sorted((r for r in rows if r["system"] == system and r["batch"] == batch and r["mixture"] == mixture), key=lambda r: r["context"])
+            ax.plot([r["context"] for r in subset], [r["overhead_ms"] for r in subset], marker="o", label=system)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cached tokens")
+        ax.set_ylabel("ms per step above the base")
+        ax.set_title(f"batch {batch}, {mixture}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Runs the benchmark; writes the CSV, the PNG and the profile to ``args.output_dir``."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .base import load_default_base
+    from .utils import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    console = Console()
+    base, tokenizer = load_default_base()
+    systems = build_systems(base, tokenizer, args.expert_layers, args.rank)
+    vocab = base.config.vocab_size
+    with Progress(console=console) as progress:
+        rows = measure(systems, args.batch_sizes, args.contexts, args.steps, args.repeats, vocab, progress)
+    table = Table(title="decode step: median ms, overhead against the base (same run, interleaved)")
+    for column in ("system", "batch", "mixture", "context", "step ms", "overhead ms", "tokens/s vs base"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["system"], str(r["batch"]), r["mixture"], str(r["context"]), f"{r['step_ms']:.2f}", f"{r['overhead_ms']:+.2f}", f"{r['tokens_per_s_vs_base']:.3f}x")
+    console.print(table)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "decode_bench.csv", rows)
+    plot(out / "decode_bench.png", rows)
+    if not args.skip_profile:
+        smallest = {name: m for name, m in systems.items() if name in ("base", f"gated_{min(args.expert_layers)}_layers")}
+        atomic_write_text(out / "decode_profile.md", profile_steps(smallest, args.batch_sizes, min(args.contexts), vocab))
+    console.print(f"wrote {out / 'decode_bench.csv'}, {out / 'decode_bench.png'}" + ("" if args.skip_profile else f", {out / 'decode_profile.md'}"))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="rows per decode step")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048], help="cached tokens per row")
+    parser.add_argument("--expert-layers", type=int, nargs="+", default=list(EXPERT_LAYER_COUNTS), help="top decoder layers with experts, one gated system each")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the experts")
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-profile", action="store_true", help="no torch.profiler report")
+    parser.add_argument("--output-dir", default="bench-decode", help="where the CSV, PNG and profile go")
+    parser.set_defaults(func=run)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``decode`` under ``moe-empathy bench``."""
+    parser = subparsers.add_parser("decode", help="per-token decode overhead of the gated model against the base")
+    add_arguments(parser)
+    return parser
