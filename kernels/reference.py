@@ -50,11 +50,36 @@ def multi_lora_reference(
     num_experts, rank, in_features = lora_A.shape
     if expert_ids is not None:
         gate = densify_gate(gate, expert_ids, num_experts)
+    a_cat, b_cat_t = concatenate_experts(lora_A, lora_B)
+    return (x @ a_cat.t()) * row_scale(gate.to(x.dtype), rank, scaling) @ b_cat_t  # [tokens, out]
+
+
+def concatenate_experts(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``E`` experts as one rank-``E*r`` LoRA.
+
+    Args:
+        lora_A: ``[E, r, in]`` stacked down-projections.
+        lora_B: ``[E, out, r]`` stacked up-projections.
+
+    Returns:
+        ``a_cat [E*r, in]`` (a view) and ``b_cat_t [E*r, out]`` (a copy).
+    """
+    num_experts, rank, in_features = lora_A.shape
     a_cat = lora_A.reshape(num_experts * rank, in_features)  # [E*r, in]
-    b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_experts * rank)  # [out, E*r]
-    shrunk = x @ a_cat.t()  # [tokens, E*r]
-    shrunk = shrunk * (gate.to(shrunk.dtype) * scaling).repeat_interleave(rank, dim=1)
-    return shrunk @ b_cat.t()  # [tokens, out]
+    b_cat_t = lora_B.permute(0, 2, 1).reshape(num_experts * rank, lora_B.shape[1])  # [E*r, out]
+    return a_cat, b_cat_t
+
+
+def row_scale(gate: torch.Tensor, rank: int, scaling: float) -> torch.Tensor:
+    """``[tokens, E*r]`` the factor of each shrink output: the token's weight of the block's expert
+    times ``scaling``.
+
+    Args:
+        gate: ``[tokens, E]`` dense weights.
+        rank: LoRA rank ``r``.
+        scaling: LoRA ``alpha / r``.
+    """
+    return (gate * scaling).repeat_interleave(rank, dim=1)
 
 
 def multi_lora_loop(

@@ -10,8 +10,10 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
   pre-hook from the decoder layer's keyword arguments, so gradient checkpointing's
   recomputation sees the very same plan. The plan was built and checked once per forward.
 * Forward dispatch, in order: no plan (experts disabled, or a call outside the gated
-  model) -> base; one mixture shared by every token, without autograd -> one GEMM with
-  the folded weight; otherwise base GEMM plus :func:`moe_empathy.kernels.multi_lora` accumulated into its output.
+  model) -> base; inference with one mixture shared by every token -> one GEMM with the
+  folded weight; inference on the torch backend -> base GEMM plus the experts' two GEMMs on
+  cached concatenated experts and the plan's per-token factors; otherwise base GEMM plus
+  :func:`moe_empathy.kernels.multi_lora` (Triton or torch, differentiable) accumulated into its output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .kernels import multi_lora
+from .kernels.reference import concatenate_experts
 from .routing import RoutingPlan, RoutingSlot
 
 ROUTING_KWARG = "moe_routing"
@@ -61,6 +64,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.routing_slot: RoutingSlot | None = None  # shared with the model's other expert linears
         self._merged: tuple[tuple, torch.Tensor] | None = None
+        self._concatenated: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -68,7 +72,7 @@ class MultiLoraLinear(nn.Module):
         for e in range(self.num_experts):
             nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        self._merged = None
+        self.drop_merged_weight()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -82,11 +86,17 @@ class MultiLoraLinear(nn.Module):
         plan = self.routing_slot.plan if self.routing_slot is not None else None
         if plan is None:
             return self.base_layer(x)
-        if plan.fold_key is not None and not torch.is_grad_enabled() and not self.training:
+        inference = not torch.is_grad_enabled() and not self.training
+        if inference and plan.fold_key is not None:
             return nn.functional.linear(x, self._merged_weight(plan), self.base_layer.bias)
         result = self.base_layer(x)  # [batch, seq, out]
         flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]
         flat_out = result.reshape(-1, self.out_features)  # [tokens, out]
+        if inference and (self.kernel_backend == "torch" or (self.kernel_backend == "auto" and not x.is_cuda)):
+            a_cat, b_cat_t = self._concatenated_experts()
+            shrunk = (flat_x @ a_cat.t()) * plan.row_scale(self.rank, self.scaling, x.dtype)  # [tokens, E*r]
+            flat_out.addmm_(shrunk, b_cat_t)
+            return result
         if plan.expert_ids is not None:
             gate = plan.topk_weights.reshape(-1, plan.topk_weights.shape[-1])  # [tokens, k]
             expert_ids = plan.expert_ids.reshape(-1, plan.expert_ids.shape[-1])  # [tokens, k]
@@ -105,15 +115,22 @@ class MultiLoraLinear(nn.Module):
         key = (plan.fold_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
         if self._merged is None or self._merged[0] != key:
             gate = plan.fold.to(self.lora_A.dtype)  # [E]
-            a_cat = self.lora_A.reshape(-1, self.in_features)  # [E*r, in]
-            b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, E*r]
+            a_cat, b_cat_t = concatenate_experts(self.lora_A, self.lora_B)  # [E*r, in], [E*r, out]
             scale = (gate * self.scaling).repeat_interleave(self.rank)  # [E*r]
-            self._merged = (key, self.base_layer.weight + (b_cat * scale) @ a_cat)
+            self._merged = (key, self.base_layer.weight + (b_cat_t * scale.unsqueeze(1)).t() @ a_cat)
         return self._merged[1]
 
+    def _concatenated_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_cat [E*r, in]`` and ``b_cat_t [E*r, out]``, kept until the experts change."""
+        key = (self.lora_A._version, self.lora_B._version)
+        if self._concatenated is None or self._concatenated[0] != key:
+            self._concatenated = (key, *concatenate_experts(self.lora_A, self.lora_B))
+        return self._concatenated[1], self._concatenated[2]
+
     def drop_merged_weight(self) -> None:
-        """Frees the folded weight (called when parameters change or generation ends)."""
+        """Frees the folded weight and the concatenated experts (when generation ends)."""
         self._merged = None
+        self._concatenated = None
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:g}, backend={self.kernel_backend!r}"

@@ -9,7 +9,7 @@ the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class RoutingPlan:
     topk_weights: torch.Tensor | None = None
     fold: torch.Tensor | None = None
     fold_key: tuple | None = None
+    _row_scales: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.weights.dim() != 3:
@@ -58,6 +59,20 @@ class RoutingPlan:
             if rows.shape[0] and bool((rows == rows[0]).all()):
                 fold, fold_key = rows[0], tuple(rows[0].tolist())
         return cls(weights, expert_ids, topk_weights, fold, fold_key)
+
+    def row_scale(self, rank: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """``[tokens, E*r]`` factors of the experts' shrink outputs, computed once for all layers.
+
+        Args:
+            rank, scaling: the expert layers' LoRA rank and ``alpha / r``.
+            dtype: the activations' dtype.
+        """
+        key = (rank, scaling, dtype)
+        if key not in self._row_scales:
+            from .kernels.reference import row_scale
+
+            self._row_scales[key] = row_scale(self.weights.reshape(-1, self.weights.shape[-1]).to(dtype), rank, scaling)
+        return self._row_scales[key]
 
     def repeat_tokens(self, seq: int) -> "RoutingPlan":
         """This one-token-per-row plan for ``seq`` tokens per row (several tokens of one turn).
