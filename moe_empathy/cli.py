@@ -32,6 +32,7 @@ EXTERNAL_COMMANDS = {
                 ["moe_empathy.eval.cli:add_inspect_parser"]),
     "bench": ("benchmarks", True, [
         "moe_empathy.bench_model:add_parser", "moe_empathy.bench_decode:add_parser", "moe_empathy.kernels.bench:add_parser",
+        "moe_empathy.train.bench_prefix:add_parser",
     ]),
 }
 
