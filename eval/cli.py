@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -15,6 +18,7 @@ from moe_empathy.utils import atomic_path
 
 from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
 from .metrics import TOLERANCE, build_table, check_targets, compute_metrics, score_rollouts
+from .progress import RunProgress, check_progress
 from .report import check_output_dir, plot_gate_heatmaps, write_outputs
 from .rollout import MODES, DialogueRollout, progress_bar, rollout
 from .scorers import SCORERS, get_scorer
@@ -52,6 +56,7 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="corpus folder or .json/.jsonl dialogue file (default: synthesise held-out dialogues of --turns turns)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run with the same arguments: its finished batches (kept in OUT.partial) are not computed again")
     parser.add_argument("--scorers", default="lexical", help=f"comma-separated, from: {', '.join(SCORERS)}; the first drives the tables")
     parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
     parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
@@ -67,11 +72,53 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_eval(args: argparse.Namespace) -> dict:
-    """Runs ``moe-empathy eval run``: checks every input first, then rolls out, scores, and writes.
+def _resolved(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def run_settings(args: argparse.Namespace, model_dir: Path, records: list[dict], systems: list) -> dict:
+    """Everything that determines the results of ``eval run``: what a resumed run must repeat.
 
     Args:
         args: the parsed command line.
+        model_dir: the gated checkpoint's folder.
+        records: the selected dialogue records.
+        systems: the built systems (their adapter folders and repeat guard are recorded).
+    """
+    guard = systems[0].repeat_guard
+    dialogues = json.dumps(records, sort_keys=True).encode()
+    return {
+        "model": _resolved(model_dir),
+        "single_lora": _resolved(args.single_lora),
+        "experts_dir": _resolved(args.experts_dir),
+        "systems": [s.name for s in systems],
+        "split": args.split,
+        "data": _resolved(args.data),
+        "seed": args.seed,
+        "dialogues": len(records),
+        "dialogues_sha256": hashlib.sha256(dialogues).hexdigest(),
+        "turns": args.turns,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "mode": args.mode,
+        "compare_reencode": args.compare_reencode,
+        "repeat_guard": None if guard is None else {"ngram_size": guard.ngram_size, "penalty": guard.penalty},
+        "scorers": _names(args.scorers),
+        "bootstrap": args.bootstrap,
+        "tolerance": args.tolerance,
+    }
+
+
+def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | None = None) -> dict:
+    """Runs ``moe-empathy eval run``: checks every input first, then rolls out, scores, and writes.
+
+    Finished batches are recorded beside ``--out`` as the rollouts go (:mod:`.progress`);
+    with ``--resume`` the batches an interrupted run finished are read back, not computed.
+
+    Args:
+        args: the parsed command line.
+        on_batch: called with ``(<system>.<mode>, batch index)`` after each computed batch is
+            recorded (a progress hook), or None.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -82,6 +129,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     names = check_system_names(_names(args.systems))
     scorer_names = check_scorer_names(_names(args.scorers))
     check_output_dir(args.out, args.overwrite)
+    check_progress(args.out, args.resume)
     model_dir = check_model_dir(args.model)
     if args.data is not None:
         records = load_split(args.data, args.split)
@@ -94,16 +142,22 @@ def run_eval(args: argparse.Namespace) -> dict:
     model, tokenizer, description = load_model_and_tokenizer(model_dir)
     systems = build_systems(names, model, tokenizer, model_dir, args.single_lora, args.experts_dir, repeat_guard=not args.no_repeat_guard)
     console.print(f"[bold]eval run[/bold]: {len(records)} dialogues x <= {args.turns} turns, systems {', '.join(names)}, model {description}")
+    journal = RunProgress.start(args.out, run_settings(args, model_dir, records, systems), args.resume)
+    console.print(f"progress kept in {journal.folder}" + (" (resumed)" if args.resume else ""))
     start = time.perf_counter()
     with progress_bar() as progress:
-        rollouts, stats = rollout(systems, records, tokenizer, args.batch_size, args.max_new_tokens, args.mode, progress)
-        elapsed = time.perf_counter() - start
+        rollouts, stats = rollout(systems, records, tokenizer, args.batch_size, args.max_new_tokens, args.mode, progress, journal, on_batch)
+        resumed = sum(s.resumed_batches for s in stats.values())
+        if resumed:
+            console.print(f"read {resumed} finished batch(es) back from {journal.folder}")
+        # An interrupted run's earlier sessions count with the time their batches took.
+        elapsed = time.perf_counter() - start + sum(s.resumed_seconds for s in stats.values())
         throughput = {name: {"mode": s.mode, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens} for name, s in stats.items()}
         notes = []
         if args.compare_reencode:
             other = "reencode" if args.mode == "cached" else "cached"
             probe = next((s for s in systems if s.gated), systems[0])
-            again, again_stats = rollout([probe], records, tokenizer, args.batch_size, args.max_new_tokens, other, progress)
+            again, again_stats = rollout([probe], records, tokenizer, args.batch_size, args.max_new_tokens, other, progress, journal, on_batch)
             s = again_stats[probe.name]
             throughput[f"{probe.name} ({other})"] = {"mode": other, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens}
             same = sum(a.replies == b.replies for a, b in zip(rollouts[probe.name], again[probe.name]))
@@ -141,6 +195,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         "notes": notes,
     }
     out = write_outputs(args.out, metrics, rollouts, tables[scorer_names[0]], args.overwrite)
+    journal.remove()
     _print_summary(console, metrics)
     console.print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, rollouts.jsonl and plots")
     return metrics

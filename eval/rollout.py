@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,6 +32,9 @@ from moe_empathy.cache import GrowingCache, gate_state_of
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
 from .systems import EvalSystem
+
+if TYPE_CHECKING:
+    from .progress import RunProgress
 
 MODES = ("cached", "reencode")
 _PROBE_USER = "MOEPROBEUSER"
@@ -72,16 +76,30 @@ class RolloutStats:
         turns: replies generated.
         seconds: wall-clock time spent generating.
         prefill_tokens: prompt tokens run through the model (padding included).
+        resumed_batches: batches read back from an interrupted run's progress, not computed.
+        resumed_seconds: the seconds those batches took when they were computed.
     """
 
     mode: str
     turns: int = 0
     seconds: float = 0.0
     prefill_tokens: int = 0
+    resumed_batches: int = 0
+    resumed_seconds: float = 0.0
 
     @property
     def turns_per_second(self) -> float:
         return self.turns / self.seconds if self.seconds else float("nan")
+
+    def add(self, other: "RolloutStats") -> None:
+        """Adds another run's turns, seconds and prefill tokens (e.g. one batch's) to these.
+
+        Args:
+            other: the counters to add.
+        """
+        self.turns += other.turns
+        self.seconds += other.seconds
+        self.prefill_tokens += other.prefill_tokens
 
 
 class TurnTokens:
@@ -329,6 +347,8 @@ def rollout(
     max_new_tokens: int = 48,
     mode: str = "cached",
     progress: Progress | None = None,
+    journal: "RunProgress | None" = None,
+    on_batch: Callable[[str, int], None] | None = None,
 ) -> tuple[dict[str, list[DialogueRollout]], dict[str, RolloutStats]]:
     """Plays every dialogue with every system.
 
@@ -340,9 +360,16 @@ def rollout(
         max_new_tokens: cap on each reply's length.
         mode: ``cached`` or ``reencode``.
         progress: a rich progress display to add a task to, or None for no display.
+        journal: the run's progress (:class:`.progress.RunProgress`): batches finished by an
+            earlier session are read from it instead of computed, and every computed batch is
+            recorded in it (under ``<system>.<mode>``); None keeps nothing.
+        on_batch: called with ``(<system>.<mode>, batch index)`` after each computed batch
+            is recorded, or None.
 
     Returns:
-        ``({system: rollouts in record order}, {system: throughput})``.
+        ``({system: rollouts in record order}, {system: throughput})``; a system's throughput
+        counts the batches read from ``journal`` too (their number and seconds are in its
+        ``resumed_batches`` and ``resumed_seconds``).
     """
     total = sum(len(r["turns"]) // 2 for r in records) * len(systems)
     task = progress.add_task(f"rollouts ({mode})", total=total, rate="") if progress is not None else None
@@ -355,11 +382,28 @@ def rollout(
             progress.update(task, advance=n, rate=f"{rate:.2f} turns/s")
 
     results, stats = {}, {}
+    batches = make_batches(records, batch_size)
     for system in systems:
-        stats[system.name] = RolloutStats(mode)
+        key = f"{system.name}.{mode}"
+        totals = stats[system.name] = RolloutStats(mode)
         played: dict[int, DialogueRollout] = {}
-        for batch in make_batches(records, batch_size):
-            out = rollout_batch(system, [records[i] for i in batch], tokenizer, max_new_tokens, mode, stats[system.name], advance)
+        finished = journal.finished(key, batches, records) if journal is not None else {}
+        for index, batch in enumerate(batches):
+            if index in finished:
+                out, counted = finished[index]
+                totals.add(counted)
+                totals.resumed_batches += 1
+                totals.resumed_seconds += counted.seconds
+                if progress is not None:
+                    progress.update(task, advance=counted.turns)
+            else:
+                counted = RolloutStats(mode)
+                out = rollout_batch(system, [records[i] for i in batch], tokenizer, max_new_tokens, mode, counted, advance)
+                totals.add(counted)
+                if journal is not None:
+                    journal.record(key, index, batch, out, counted)
+                if on_batch is not None:
+                    on_batch(key, index)
             played.update(zip(batch, out))
         results[system.name] = [played[i] for i in range(len(records))]
     return results, stats

@@ -1,11 +1,16 @@
 """Fixtures of the evaluation tests: a tiny random gated model saved as a checkpoint with its
-base, and short held-out dialogue scripts (the ``tokenizer`` fixture is in tests/conftest.py)."""
+base, short held-out dialogue scripts, and a short ``eval run`` on them (the ``tokenizer``
+fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
+
+import argparse
+import json
 
 import pytest
 
 from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.eval.cli import add_run_parser, run_eval
 from moe_empathy.eval.dialogues import synthesise_split
 from tests.moe_empathy.conftest import randomise_experts, tiny_base
 
@@ -40,3 +45,30 @@ def gated(tokenizer):
 def scripts():
     """Four held-out dialogues of three turns, from four tasks."""
     return synthesise_split("test", 4, 3)
+
+
+@pytest.fixture(scope="session")
+def eval_command(checkpoint, tmp_path_factory):
+    """Runs ``moe-empathy eval run`` on the tiny checkpoint with short settings: systems
+    ``base`` and ``gated``, four held-out dialogues of two turns in batches of two, replies of
+    at most two tokens. Call it with the output folder, extra arguments and an optional
+    ``on_batch`` hook; it returns the metrics."""
+    data = tmp_path_factory.mktemp("fault-data") / "dialogues.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthesise_split("test", 4, 2)))
+    parser = argparse.ArgumentParser(prog="moe-empathy")
+    add_run_parser(parser.add_subparsers().add_parser("eval").add_subparsers())
+
+    def run(out, *extra, on_batch=None):
+        argv = ["eval", "run", "--model", checkpoint, "--data", data, "--systems", "base,gated", "--dialogues", 4, "--turns", 2]
+        argv += ["--batch-size", 2, "--max-new-tokens", 2, "--bootstrap", 20, "--out", out, *extra]
+        return run_eval(parser.parse_args([str(a) for a in argv]), on_batch=on_batch)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_eval(eval_command, tmp_path_factory):
+    """The output folder of an ``eval_command`` run that nobody interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    eval_command(out)
+    return out
