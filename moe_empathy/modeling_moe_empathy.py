@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -302,25 +301,26 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         if call is not None and call.plan is None:
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
             call.output = self.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
-            call.plan = self._plan(call.output.weights, call.turn_ids)
+            # Looking for a fold reads the weights back: only where a fold can be used (inference).
+            call.plan = self._plan(call.output.weights, call.turn_ids, may_fold=not torch.is_grad_enabled() and not self.training)
 
     def _plan_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call: _GateCall | None = kwargs.get(ROUTING_KWARG)
         self._routing_slot.plan = call.plan if call is not None else None
 
-    def _plan(self, turn_weights: torch.Tensor, turn_ids: torch.Tensor) -> RoutingPlan:
+    def _plan(self, turn_weights: torch.Tensor, turn_ids: torch.Tensor, may_fold: bool) -> RoutingPlan:
         """Spreads each turn's mixture over its tokens.
 
         Args:
             turn_weights: ``[batch, turns, E]`` the gate's weights of each turn.
             turn_ids: ``[batch, seq]`` each token's turn, -1 on padding.
+            may_fold: look for one mixture shared by all tokens (see :meth:`RoutingPlan.build`).
         """
         index = turn_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, turn_weights.shape[-1])  # [batch, seq, E]
         valid = turn_ids >= 0  # [batch, seq]
         weights = turn_weights.gather(1, index) * valid.unsqueeze(-1)  # [batch, seq, E]
         top_k = self.config.gate_top_k if self.config.gate_type == "top_k" and self._forced is None else None
-        # Looking for a fold reads the weights back: only where a fold can be used (inference).
-        return RoutingPlan.build(weights, valid, top_k, may_fold=not torch.is_grad_enabled() and not self.training)
+        return RoutingPlan.build(weights, valid, top_k, may_fold)
 
     def _continuing_call(self, state: GateState | None, seq: int) -> _GateCall:
         """The routing of ``seq`` tokens per row that continue the turn open in ``state``: its
@@ -330,12 +330,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 "continues_turn=True continues the turn open at the end of a KV cache, but no gate state came with "
                 "it; pass the `cache` returned by an earlier forward of this model (or drop continues_turn)"
             )
-        if state.plan is None:  # once per turn: the fold is looked for even when grad is on
-            last = state.last_turn.view(-1, 1)  # [batch, 1] one token per row
-            index = last.clamp(min=0).unsqueeze(-1).expand(-1, -1, state.turn_weights.shape[-1])  # [batch, 1, E]
-            weights = state.turn_weights.gather(1, index)  # [batch, 1, E]
-            top_k = self.config.gate_top_k if self.config.gate_type == "top_k" and self._forced is None else None
-            state.plan = RoutingPlan.build(weights, last >= 0, top_k, may_fold=True)
+        if state.plan is None:  # once per turn, one token per row; the fold is looked for even when grad is on
+            state.plan = self._plan(state.turn_weights, state.last_turn.view(-1, 1), may_fold=True)
         return _GateCall(None, None, state, self._forced, plan=state.plan.repeat_tokens(seq))
 
     # ----------------------------------------------------------------- forward
