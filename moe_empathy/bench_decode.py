@@ -185,6 +185,8 @@ def profile_steps(systems: dict, batch_sizes: list[int], context: int, vocab: in
                     seen[key] = (max(ms, event.cpu_time_total / steps / 1e3), max(calls, event.count / steps))
                 for key, (ms, calls) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:10]:
                     lines.append(f"| `{key}` | {ms:.3f} | {calls:.0f} |")
+            elif name != "base":
+                lines += ["", f"(torch {torch.__version__}'s profiler recorded no Python frames here: operators only.)"]
             lines.append("")
     return "\n".join(lines)
 
