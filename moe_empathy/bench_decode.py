@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -196,16 +195,6 @@ def _is_model_code(frame: str) -> bool:
     return ("moe_empathy" in frame or "kernels/" in frame) and not any(skip in frame for skip in ("bench_decode.py", "cli.py"))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    from .utils import atomic_path
-
-    with atomic_path(path) as staging:
-        with open(staging, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def plot(path: Path, rows: list[dict]) -> None:
     """Per-token overhead against context length, one line per system, one panel per batch/mixture."""
     import matplotlib
@@ -240,7 +229,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from rich.table import Table
 
     from .base import load_default_base
-    from .utils import atomic_write_text
+    from .utils import atomic_write_csv, atomic_write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,7 +248,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     console.print(table)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "decode_bench.csv", rows)
+    atomic_write_csv(out / "decode_bench.csv", rows)
     plot(out / "decode_bench.png", rows)
     if not args.skip_profile:
         smallest = {name: m for name, m in systems.items() if name in ("base", f"gated_{min(args.expert_layers)}_layers")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import tempfile
 import time
@@ -23,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from .utils import atomic_write_csv
 
 PROMPTS = [
     "My laptop froze during an update and now it shows a black screen. What should I try first?",
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     progress.advance(task)
     rows = summarise(samples, args.new_tokens, args.train_batch * args.train_seq)
     show(console, rows)
-    write_csv(out_dir / "model_bench.csv", rows)
+    atomic_write_csv(out_dir / "model_bench.csv", rows)
     plot(out_dir / "model_bench.png", rows)
     console.print(f"wrote {out_dir / 'model_bench.csv'} and {out_dir / 'model_bench.png'}")
     return rows
@@ -196,15 +197,6 @@ def show(console: Console, rows: list[dict]) -> None:
         meaning = "tokens/s vs base" if row["kind"] == "generate" else "step time vs peft_lora"
         table.add_row(row["kind"], row["system"], str(row["batch"]), f"{row['median_s']:.3f}", f"{row['tokens_per_s']:.1f}", f"{row['vs_reference']:.2f}x", meaning)
     console.print(table)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    staging = path.with_suffix(".csv.tmp")
-    with open(staging, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    staging.replace(path)
 
 
 def plot(path: Path, rows: list[dict]) -> None:

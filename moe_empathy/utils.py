@@ -10,6 +10,8 @@ Everything the package writes goes through these helpers, so that
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -75,6 +77,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as staging:
         with open(staging, "w") as out:
             out.write(text)
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Writes ``rows`` (dicts with the same keys, in column order) as a CSV file, atomically.
+
+    Args:
+        path: the file to write.
+        rows: at least one row; the first row's keys are the header.
+    """
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def _marker_kind(folder: Path) -> str | None:

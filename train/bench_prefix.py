@@ -19,9 +19,7 @@ the effect of the storage dtype on one batch's loss and gradients) and ``bench_p
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import tempfile
 import time
@@ -33,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moe_empathy.utils import atomic_path, atomic_write_text
+from moe_empathy.utils import atomic_path, atomic_write_csv, atomic_write_text
 
 from .baselines import gated_model, load_base_model, load_tokenizer
 from .collate import IGNORE_INDEX, DialogueCollator, encode_dialogue
@@ -215,12 +213,7 @@ def run_bench(
 
 def _write(out: Path, summary: dict) -> None:
     """``bench_prefix.csv``, ``bench_prefix.json`` and ``bench_prefix.png`` in ``out`` (each atomically)."""
-    rows = summary["rows"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "bench_prefix.csv", text.getvalue())
+    atomic_write_csv(out / "bench_prefix.csv", summary["rows"])
     atomic_write_text(out / "bench_prefix.json", json.dumps(summary, indent=1) + "\n")
     import matplotlib
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_empathy import bench_decode
+from moe_empathy.utils import atomic_write_csv
 
 from .conftest import tiny_base
 
@@ -37,7 +38,7 @@ def test_a_step_routes_as_its_setting_says_and_keeps_the_context(systems, fold):
 
 def test_outputs_and_bad_layer_counts(systems, tokenizer, tmp_path):
     rows = bench_decode.measure(systems, [1], [8], steps=1, repeats=1, vocab=49152)
-    bench_decode.write_csv(tmp_path / "decode.csv", rows)
+    atomic_write_csv(tmp_path / "decode.csv", rows)
     bench_decode.plot(tmp_path / "decode.png", rows)
     with open(tmp_path / "decode.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
