@@ -13,7 +13,7 @@ labelled assistant turn's mechanisms are consistent with its level by constructi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LEVELS: tuple[str, ...] = ("low", "medium", "high")
 MECHANISMS: tuple[str, ...] = ("emotional_reaction", "interpretation", "exploration")
@@ -62,15 +62,12 @@ class Task:
         name: identifier used in the data (``task`` field) and on the command line.
         title: human-readable name.
         level: the empathy level users expect in this task (user state ``neutral``).
-        escalations: what can make the user of this task more upset within the
-            dialogue (documentation; the phrasing lives with the generator).
         description: one line for the dataset card and the README.
     """
 
     name: str
     title: str
     level: str
-    escalations: tuple[str, ...] = field(default_factory=tuple)
     description: str = ""
 
 
@@ -81,56 +78,48 @@ TASKS: dict[str, Task] = {
             "movie_recommendation",
             "Movie recommendation",
             "low",
-            ("mentions a recent loss tied to the films", "is lonely after a break-up"),
             "Picking films or series for an evening, a date, a family.",
         ),
         Task(
             "technical_support",
             "Technical support",
             "low",
-            ("lost irreplaceable work before a deadline", "fears being blamed at work"),
             "Fixing devices, accounts and software.",
         ),
         Task(
             "travel_planning",
             "Travel planning",
             "low",
-            ("the trip is for a funeral or a sick relative", "a cancelled flight strands them"),
             "Routes, bookings, packing and itineraries.",
         ),
         Task(
             "career_advice",
             "Career advice",
             "medium",
-            ("was just laid off", "is burnt out and close to quitting"),
             "Job search, interviews, negotiation, changing fields.",
         ),
         Task(
             "health_concern",
             "Health concern",
             "medium",
-            ("awaits worrying test results", "a relative was taken to hospital"),
             "Symptoms, medication questions, appointments, routines.",
         ),
         Task(
             "relationship_advice",
             "Relationship advice",
             "high",
-            ("discovered a betrayal", "feels worthless after a fight"),
             "Partners, family, friends: conflict and communication.",
         ),
         Task(
             "grief_support",
             "Grief support",
             "high",
-            ("an anniversary or a reminder reopens the loss",),
             "Living with the death of a person or an animal, and its practicalities.",
         ),
         Task(
             "emotional_support",
             "Emotional support / therapy-like talk",
             "high",
-            ("a panic spiral", "feeling alone with it all"),
             "Stress, anxiety, low mood, loneliness; not crisis care.",
         ),
     )
