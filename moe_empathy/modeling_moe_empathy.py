@@ -30,8 +30,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .base import load_base
 from .cache import attach_gate_state, gate_state_of
 from .configuration_moe_empathy import MoeEmpathyConfig
-from .gate import GateOutput, GateState, TurnGate, gate_losses
+from .gate import GateOutput, GateState, TurnGate
 from .layers import ROUTING_KWARG, MultiLoraLinear, decoder_layers, inject_experts
+from .losses import gate_losses, lm_loss
 from .peft_io import adapters_span, export_expert, import_expert
 from .routing import RoutingPlan, RoutingSlot
 from .utils import atomic_write_text, make_temp_dir
@@ -387,16 +388,16 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 position_ids=position_ids,
                 cache=cache,
                 inputs_embeds=inputs_embeds,
-                labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
         finally:
             self._routing_slot.plan = None
+        lm = lm_loss(outputs.logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
         result = MoeEmpathyCausalLMOutputWithPast(
-            loss=outputs.loss,
-            lm_loss=outputs.loss,
+            loss=lm,
+            lm_loss=lm,
             logits=outputs.logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -413,23 +414,17 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
         gate = call.output
         if gate_labels is not None:
             self._check_gate_labels(gate_labels, tuple(gate.logits.shape[:2]))
-        losses = gate_losses(gate, gate_labels, self.config.gate_temperature)
-        cfg = self.config
-        aux = (
-            cfg.gate_label_loss_weight * losses["gate_label"]
-            + cfg.load_balancing_loss_weight * losses["load_balancing"]
-            + cfg.z_loss_weight * losses["z_loss"]
-        )
+        losses = gate_losses(gate, gate_labels, self.config)
         result.gate_weights, result.gate_logits, result.turn_mask = gate.weights, gate.logits, gate.turn_mask
-        result.aux_loss, result.gate_label_loss = aux, losses["gate_label"]
-        result.load_balancing_loss, result.z_loss = losses["load_balancing"], losses["z_loss"]
+        result.aux_loss, result.gate_label_loss = losses.aux, losses.gate_label
+        result.load_balancing_loss, result.z_loss = losses.load_balancing, losses.z_loss
         result.gate_state = gate.state
         # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
         attach_gate_state(outputs.cache, gate.state)
         if labels is not None:
-            result.loss = outputs.loss + aux
+            result.loss = lm + losses.aux
         elif gate_labels is not None:
-            result.loss = aux
+            result.loss = losses.aux
         if self._routing_log is not None:
             self._log_routing(gate, forced=call.forced is not None)
         return result

@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from moe_empathy.losses import IGNORE_INDEX, lm_loss_sum, next_token_targets
 
 from moe_empathy.utils import atomic_path, atomic_write_csv, atomic_write_text
 
 from .baselines import gated_model, load_base_model, load_tokenizer
-from .collate import IGNORE_INDEX, DialogueCollator, encode_dialogue
+from .collate import DialogueCollator, encode_dialogue
 from .config import PREFIX_CACHE_DTYPES, load_config
 from .prefix_cache import PrefixCache, forward_from_prefix
 from .synth import SynthConfig, generate
@@ -67,17 +67,15 @@ def dialogues_of_length(tokenizer, names: list[str], length: int, count: int, se
 def _objective(model, batch: dict, cache: PrefixCache | None) -> torch.Tensor:
     """The trainer's objective on one batch (LM loss per assistant token plus the gate's losses),
     by the full forward (``cache`` None: logits at every position) or on the cached prefix."""
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [batch, seq]
     inputs = {k: batch[k] for k in ("attention_mask", "turn_ids", "gate_mask", "gate_labels")}
     if cache is None:
-        outputs = model(input_ids=batch["input_ids"], **inputs)
-        logits, predicted = outputs.logits.flatten(0, 1), targets.flatten()  # [batch * seq, vocab], [batch * seq]
-    else:
-        keep = targets != IGNORE_INDEX  # [batch, seq]
-        prefix = cache.batch(model, batch["dialogue_index"], batch["input_ids"], batch["attention_mask"])
-        outputs = forward_from_prefix(model, prefix, *inputs.values(), keep=keep)
-        logits, predicted = outputs.logits, targets[keep]  # [n, vocab], [n]
-    return F.cross_entropy(logits.float(), predicted, ignore_index=IGNORE_INDEX) + outputs.aux_loss
+        return model(input_ids=batch["input_ids"], labels=batch["labels"], **inputs).loss
+    targets = next_token_targets(batch["labels"])  # [batch, seq]
+    keep = targets != IGNORE_INDEX  # [batch, seq]
+    prefix = cache.batch(model, batch["dialogue_index"], batch["input_ids"], batch["attention_mask"])
+    outputs = forward_from_prefix(model, prefix, *inputs.values(), keep=keep)
+    total, count = lm_loss_sum(outputs.logits, targets[keep])  # logits [n, vocab]
+    return total / count.clamp(min=1) + outputs.aux_loss
 
 
 def _step(model, optimizer, batch: dict, cache: PrefixCache | None) -> float:

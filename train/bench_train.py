@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
 from moe_empathy.utils import atomic_write_text
 
 from .baselines import encode_splits, ensure_corpus, gated_model, load_base_model, load_tokenizer, lora_model
-from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
+from .collate import DialogueCollator, LengthBucketSampler, padding_report
 from .config import load_config
 from .trainer import training_arguments
 
@@ -53,10 +52,7 @@ def _step(model, optimizer, batch: dict, with_gate: bool) -> None:
     inputs = {k: v for k, v in batch.items() if k != "labels" and (with_gate or k in ("input_ids", "attention_mask"))}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
         outputs = model(**inputs)
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    aux = getattr(outputs, "aux_loss", None)
-    (loss + aux if aux is not None else loss).backward()
+    outputs.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -17,9 +17,8 @@ import torch
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
+from moe_empathy.losses import IGNORE_INDEX
 from moe_empathy.turns import encode_chat
-
-IGNORE_INDEX = -100
 
 
 def encode_dialogue(

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.masking_utils import create_causal_mask
 
-from moe_empathy.gate import gate_losses
 from moe_empathy.layers import ROUTING_KWARG
+from moe_empathy.losses import gate_losses
 from moe_empathy.modeling_moe_empathy import MoeEmpathyCausalLMOutputWithPast, MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_path
 
@@ -145,24 +145,19 @@ def forward_from_prefix(
         hidden = hidden[keep]  # [n, hidden]
     logits = model.get_output_embeddings()(hidden)  # [batch, seq, vocab] or [n, vocab]
     # What MoeEmpathyForCausalLM.forward adds after the base's forward: the gate's losses.
-    gate, cfg = call.output, model.config
+    gate = call.output
     if gate_labels is not None:
         model._check_gate_labels(gate_labels, tuple(gate.logits.shape[:2]))
-    losses = gate_losses(gate, gate_labels, cfg.gate_temperature)
-    aux = (
-        cfg.gate_label_loss_weight * losses["gate_label"]
-        + cfg.load_balancing_loss_weight * losses["load_balancing"]
-        + cfg.z_loss_weight * losses["z_loss"]
-    )
+    losses = gate_losses(gate, gate_labels, model.config)
     return MoeEmpathyCausalLMOutputWithPast(
         logits=logits,
         gate_weights=gate.weights,
         gate_logits=gate.logits,
         turn_mask=gate.turn_mask,
-        aux_loss=aux,
-        gate_label_loss=losses["gate_label"],
-        load_balancing_loss=losses["load_balancing"],
-        z_loss=losses["z_loss"],
+        aux_loss=losses.aux,
+        gate_label_loss=losses.gate_label,
+        load_balancing_loss=losses.load_balancing,
+        z_loss=losses.z_loss,
         gate_state=gate.state,
     )
 

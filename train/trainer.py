@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -37,6 +36,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from moe_empathy.losses import gate_turn_losses, lm_loss_sum, next_token_targets
 from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
@@ -143,9 +143,7 @@ class MoeEmpathyTrainer(Trainer):
         """LM loss on assistant tokens plus the gate's weighted losses (see the module docstring)."""
         labels = inputs.pop("labels")  # [batch, seq]
         index = inputs.pop("dialogue_index", None)  # [batch], only with a prefix cache
-        # Position t predicts token t + 1; shifting the labels (not slicing the logits) spares a
-        # full-size copy of the logits' gradient.
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [batch, seq]
+        targets = next_token_targets(labels)  # [batch, seq]
         if index is not None and self.prefix_cache is not None:
             # The top layers only, on the cached prefix; logits only where a label is predicted.
             keep = targets != IGNORE_INDEX  # [batch, seq]
@@ -153,9 +151,7 @@ class MoeEmpathyTrainer(Trainer):
             targets = targets[keep]  # [n]
         else:
             outputs = model(**inputs)
-        logits = outputs.logits.float()  # [batch, seq, vocab], or [n, vocab] from the prefix
-        lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        tokens = (targets != IGNORE_INDEX).sum()
+        lm_sum, tokens = lm_loss_sum(outputs.logits, targets)  # logits [batch, seq, vocab], or [n, vocab] from the prefix
         aux = getattr(outputs, "aux_loss", None)
         aux = aux if aux is not None else lm_sum.new_zeros(())
         if model.training and num_items_in_batch is not None:
@@ -164,8 +160,12 @@ class MoeEmpathyTrainer(Trainer):
             processes = self.accelerator.num_processes
             loss = lm_sum / num_items_in_batch * processes
             if getattr(outputs, "gate_logits", None) is not None and self._turns_in_step is not None:
-                loss = loss + self._gate_loss_sums(model, outputs, inputs["gate_labels"]) / self._turns_in_step * processes
-                aux = self.accelerator.unwrap_model(model).config.load_balancing_loss_weight * outputs.load_balancing_loss
+                config = self.accelerator.unwrap_model(model).config
+                turns = gate_turn_losses(
+                    outputs.gate_logits, outputs.gate_weights, outputs.turn_mask, inputs["gate_labels"], config.gate_temperature
+                )
+                loss = loss + turns.labelled_sum(config) / self._turns_in_step * processes
+                aux = config.load_balancing_loss_weight * turns.load_balancing
             loss = loss + aux / self.current_gradient_accumulation_steps
         else:
             loss = lm_sum / tokens.clamp(min=1) + aux
@@ -187,19 +187,6 @@ class MoeEmpathyTrainer(Trainer):
             return forward_from_prefix(
                 unwrapped, prefix, inputs["attention_mask"], inputs["turn_ids"], inputs["gate_mask"], inputs.get("gate_labels"), keep
             )
-
-    def _gate_loss_sums(self, model, outputs, gate_labels: torch.Tensor) -> torch.Tensor:
-        """Weighted sums over this micro-batch's labelled turns of the gate-label cross-entropy
-        and the z-loss (the model's per-turn terms; their means are what it reports)."""
-        config = self.accelerator.unwrap_model(model).config
-        logits = outputs.gate_logits.float()  # [batch, turns, E]
-        width = min(logits.shape[1], gate_labels.shape[1])
-        labels = gate_labels[:, :width]  # [batch, turns]
-        known = (labels != IGNORE_INDEX) & outputs.turn_mask[:, :width]
-        chosen = logits[:, :width][known]  # [n, E]
-        label_sum = F.cross_entropy(chosen / config.gate_temperature, labels[known], reduction="sum")
-        z_sum = torch.logsumexp(chosen, dim=-1).pow(2).sum()
-        return config.gate_label_loss_weight * label_sum + config.z_loss_weight * z_sum
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also counts the labelled turns of the whole optimizer step (all processes)."""

@@ -117,3 +117,58 @@ def test_baselines_share_the_trainer(corpus_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gated" / "last")
     assert model.expert_names == NAMES
     assert all(linear.lora_B.abs().sum() > 0 for linear in model.experts.values())
+
+
+def test_the_trainers_objective_is_the_per_step_formula(tokenizer, tmp_path):
+    """LM loss summed over the step's assistant tokens, gate-label and z losses summed over its
+    labelled turns, plus the load-balancing loss: the objective as it was written out before the
+    losses had a module of their own, and its gradients."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from moe_empathy.train.collate import IGNORE_INDEX, DialogueCollator, encode_dialogue
+    from moe_empathy.train.synth import SynthConfig, generate
+    from moe_empathy.train.trainer import EncodedDialogues
+    from moe_empathy.turns import find_turn_markers
+
+    records = generate(SynthConfig(dialogues=20, min_turns=2, max_turns=3, seed=5))["train"][:4]
+    rows = [encode_dialogue(r, tokenizer, find_turn_markers(tokenizer), NAMES, 512) for r in records]
+    batch = DialogueCollator(pad_token_id=2)(rows)
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    base = LlamaForCausalLM(LlamaConfig(**shape, vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=2))
+    model = MoeEmpathyForCausalLM.from_base(base, tokenizer=tokenizer, lora_rank=4, gate_layer=1, gate_temperature=0.7).train()
+    with torch.no_grad():
+        for linear in model.experts.values():
+            linear.lora_B.normal_(std=0.3)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
+    trainer = MoeEmpathyTrainer(model=model, args=args, train_dataset=EncodedDialogues(rows), train_lengths=[r["length"] for r in rows])
+    _, num_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    cfg = model.config
+    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")})
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    lm_sum = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    known = (batch["gate_labels"] != IGNORE_INDEX) & out.turn_mask
+    logits = out.gate_logits[known]  # [n, E]
+    label_sum = F.cross_entropy(logits / cfg.gate_temperature, batch["gate_labels"][known], reduction="sum")
+    z_sum = torch.logsumexp(logits, -1).pow(2).sum()
+    share = F.one_hot(out.gate_weights[out.turn_mask].argmax(-1), cfg.num_experts).float().mean(0)
+    balance = cfg.num_experts * (share * F.softmax(out.gate_logits[out.turn_mask] / cfg.gate_temperature, -1).mean(0)).sum()
+    expected = (
+        lm_sum / num_items
+        + (cfg.gate_label_loss_weight * label_sum + cfg.z_loss_weight * z_sum) / known.sum()
+        + cfg.load_balancing_loss_weight * balance
+    )
+    expected.backward()
+    assert num_items == (targets != IGNORE_INDEX).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert grads[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-6, atol=1e-6, msg=name)
