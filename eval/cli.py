@@ -16,13 +16,19 @@ from rich.table import Table
 
 from moe_empathy.utils import atomic_path
 
+from .acceptance import AcceptanceTargets, RunSize, check_targets
 from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
-from .metrics import TOLERANCE, build_table, check_targets, compute_metrics, score_rollouts
+from .metrics import build_table, compute_metrics, score_rollouts
 from .progress import RunProgress, check_progress
 from .report import check_output_dir, plot_gate_heatmaps, write_outputs
 from .rollout import MODES, DialogueRollout, progress_bar, rollout
 from .scorers import SCORERS, get_scorer
 from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
+
+
+# The size of the evaluation the issue asks for: the defaults of `eval run`, and the run the
+# time budget (--target-minutes) is about.
+FULL_RUN = RunSize(dialogues=40, turns=30, systems=len(SYSTEMS), max_new_tokens=48)
 
 
 def _names(text: str) -> list[str]:
@@ -51,8 +57,8 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="gated model folder (written by save_pretrained or `moe-empathy train`)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     parser.add_argument("--split", default="test", help="split of the dialogues (default test)")
-    parser.add_argument("--dialogues", type=int, default=40, help="dialogues to play")
-    parser.add_argument("--turns", type=int, default=30, help="turns to play per dialogue (at most)")
+    parser.add_argument("--dialogues", type=int, default=FULL_RUN.dialogues, help="dialogues to play")
+    parser.add_argument("--turns", type=int, default=FULL_RUN.turns, help="turns to play per dialogue (at most)")
     parser.add_argument("--data", default=None, help="corpus folder or .json/.jsonl dialogue file (default: synthesise held-out dialogues of --turns turns)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -60,14 +66,19 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--scorers", default="lexical", help=f"comma-separated, from: {', '.join(SCORERS)}; the first drives the tables")
     parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
     parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap")
+    parser.add_argument("--max-new-tokens", type=int, default=FULL_RUN.max_new_tokens, help="reply length cap")
     parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together (of equal length; every system plays a mixed batch)")
     parser.add_argument("--no-repeat-guard", action="store_true", help="decode every system without the repeat guard of the model's generation_config.json (for comparison)")
     parser.add_argument("--mode", choices=MODES, default="cached", help="carry the KV cache across turns, or re-encode every turn")
     parser.add_argument("--compare-reencode", action="store_true", help="also time the gated system (else the first) re-encoding every turn, and check it gives the same replies")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="half-width of the band around the target score")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="half-width of the band around the target score: a reply is in band when |score - target| <= this")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of synthesised dialogues")
+    targets = parser.add_argument_group("acceptance targets", "thresholds the report checks the gated model against (the metrics do not depend on them)")
+    targets.add_argument("--target-gap-reduction", type=float, default=0.7266, help="least gap reduction of gated vs base, a fraction (default: the paper's 0.7266)")
+    targets.add_argument("--target-gap-factor", type=float, default=1.05, help="most gap of gated as a multiple of external's (experts selected by task)")
+    targets.add_argument("--target-minutes", type=float, default=30.0,
+                         help=f"time budget of a full-size run ({FULL_RUN.dialogues} dialogues x {FULL_RUN.turns} turns x {FULL_RUN.systems} systems, {FULL_RUN.max_new_tokens} new tokens)")
     parser.set_defaults(func=run_eval)
     return parser
 
@@ -109,6 +120,23 @@ def run_settings(args: argparse.Namespace, model_dir: Path, records: list[dict],
     }
 
 
+def acceptance_targets(args: argparse.Namespace) -> AcceptanceTargets:
+    """The acceptance thresholds of the parsed command line.
+
+    Args:
+        args: the parsed command line of ``eval run``.
+
+    Raises:
+        ValueError: naming a threshold that is not positive.
+    """
+    for flag in ("target_gap_reduction", "target_gap_factor", "target_minutes"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} is {getattr(args, flag)}; pass a positive number")
+    return AcceptanceTargets(
+        gap_reduction=args.target_gap_reduction, gap_factor=args.target_gap_factor, minutes=args.target_minutes, full_run=FULL_RUN
+    )
+
+
 def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | None = None) -> dict:
     """Runs ``moe-empathy eval run``: checks every input first, then rolls out, scores, and writes.
 
@@ -128,6 +156,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
     console = Console(highlight=False)
     names = check_system_names(_names(args.systems))
     scorer_names = check_scorer_names(_names(args.scorers))
+    targets = acceptance_targets(args)
     check_output_dir(args.out, args.overwrite)
     check_progress(args.out, args.resume)
     model_dir = check_model_dir(args.model)
@@ -167,7 +196,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
         console.print(f"scoring {sum(len(r.replies) for v in rollouts.values() for r in v)} replies with {scorer_name}")
         scored[scorer_name] = {name: score_rollouts(played, scorer) for name, played in rollouts.items()}
     tables = {name: build_table(rollouts, scored[name], model.expert_names) for name in scorer_names}
-    results = {name: compute_metrics(tables[name], args.bootstrap, 0, args.tolerance) for name in scorer_names}
+    results = {name: compute_metrics(tables[name], args.tolerance, samples=args.bootstrap) for name in scorer_names}
     turns_played = max(len(r["turns"]) // 2 for r in records)
     timing = {"seconds": elapsed, "dialogues": len(records), "turns": turns_played, "systems": len(systems), "max_new_tokens": args.max_new_tokens}
     notes += [f"{s.name}: {s.description}." for s in systems if s.name == "external" and s.sources.get("experts") == "gated model's experts"]
@@ -188,7 +217,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
             "tolerance": args.tolerance,
             "expert_names": model.expert_names,
         },
-        "targets": check_targets(results[scorer_names[0]], timing),
+        "targets": check_targets(results[scorer_names[0]], targets, timing),
         "scorers": results,
         "throughput": throughput,
         "timing": timing,

@@ -11,10 +11,9 @@ import json
 from itertools import zip_longest
 from pathlib import Path
 
-from moe_empathy.train.taxonomy import LEVELS
+from moe_empathy.train.taxonomy import LEVELS, SHIFTS
 
 EVAL_SEED = 20251104  # synthesised evaluation dialogues; training corpora use other seeds
-SHIFTS = ("up", "down", "none")
 
 
 def validate_record(record, where: str, labelled: bool = True) -> dict:

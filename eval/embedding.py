@@ -10,7 +10,9 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .scorers import MECHANISMS, EmpathyScore, Scorer, mechanisms_to_score
+from moe_empathy.train.taxonomy import MECHANISMS
+
+from .scoring import EmpathyScore, Scorer, mechanisms_to_score
 
 # Written for this scorer; strength 0 = sentences that help without any empathy.
 PROTOTYPES: dict[str, dict[int, tuple[str, ...]]] = {

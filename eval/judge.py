@@ -14,7 +14,9 @@ import math
 import urllib.request
 from dataclasses import dataclass
 
-from .scorers import MECHANISMS, EmpathyScore, Scorer
+from moe_empathy.train.taxonomy import MECHANISMS
+
+from .scoring import EmpathyScore, Scorer
 
 SYSTEM = (
     "You rate the empathy of an assistant's reply in a conversation. Empathy means "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 
-from .scorers import MECHANISMS, EmpathyScore, Scorer, mechanisms_to_score
+from moe_empathy.train.taxonomy import MECHANISMS
+
+from .scoring import EmpathyScore, Scorer, mechanisms_to_score
 
 _WORDS = re.compile(r"[a-z']+")
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")

@@ -1,9 +1,11 @@
 """Empathy-gap, consistency and gate metrics of rollouts, with dialogue-level bootstrap CIs.
 
 Every reply has a measured score (1-5, from a scorer) and an expected level (the script's
-label), mapped to a target score: the middle of the level's band on the 1-5 scale (the
-scale maps total EPITOME strength 0-6 linearly to 1-5; a level is a band of that total:
-low 0-1, medium 2-3, high 4-6). The definitions are spelled out in ``eval/README.md``.
+label), mapped to a target score: the middle of the level's band on the 1-5 scale
+(:data:`moe_empathy.train.taxonomy.LEVEL_TARGET`: the scale maps total EPITOME strength 0-6
+linearly to 1-5; a level is a band of that total: low 0-1, medium 2-3, high 4-6). A reply is
+in band when its score is within ``tolerance`` of its target. The definitions are spelled out
+in ``eval/README.md``. Only numpy is needed here (no torch).
 
 Confidence intervals resample whole dialogues (a cluster bootstrap): turns of one dialogue
 are not independent. Comparisons with the base model are paired: the same resampled
@@ -15,19 +17,16 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from moe_empathy.train.taxonomy import LEVELS
+from moe_empathy.train.taxonomy import LEVEL_TARGET, LEVELS
 
-from .rollout import DialogueRollout
-from .scorers import Scorer
+if TYPE_CHECKING:  # annotations only: the rollout module needs torch
+    from .rollout import DialogueRollout
+    from .scoring import Scorer
 
-LEVEL_TOTALS = {"low": (0, 1), "medium": (2, 3), "high": (4, 6)}  # band of total mechanism strength per level
-LEVEL_BAND = {level: (1 + 4 * lo / 6, 1 + 4 * hi / 6) for level, (lo, hi) in LEVEL_TOTALS.items()}  # on the 1-5 scale
-LEVEL_TARGET = {level: (lo + hi) / 2 for level, (lo, hi) in LEVEL_BAND.items()}  # low 1.33, medium 2.67, high 4.33
-TOLERANCE = 1.0  # a reply is "in band" when |score - target| <= TOLERANCE
 BUCKETS = {"1-5": (1, 5), "6-15": (6, 15), "16-30": (16, 30), "30+": (30, None)}  # inclusive turn ranges (1-based)
 EMPTY_REPLY_SCORE = 1.0  # an empty reply shows no empathy
 
@@ -194,7 +193,7 @@ def per_dialogue_std(values: np.ndarray) -> np.ndarray:
         return np.nanstd(values, axis=1)
 
 
-def drift_onset(scores: np.ndarray, targets: np.ndarray, tolerance: float = TOLERANCE) -> np.ndarray:
+def drift_onset(scores: np.ndarray, targets: np.ndarray, tolerance: float) -> np.ndarray:
     """The first turn (1-based) whose score is more than ``tolerance`` from its target, per
     dialogue -> ``[D]``; a dialogue that never leaves the band gets its length + 1."""
     outside = np.abs(scores - targets) > tolerance  # NaN compares False
@@ -338,7 +337,7 @@ def _bucket_columns(width: int) -> dict[str, np.ndarray]:
     return {name: (turns >= lo) & (turns <= (hi if hi is not None else width)) for name, (lo, hi) in BUCKETS.items()}
 
 
-def empathy_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int, tolerance: float = TOLERANCE) -> dict:
+def empathy_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int, tolerance: float) -> dict:
     """Gap, score, over-empathy and consistency of one system over some dialogues.
 
     Args:
@@ -457,14 +456,14 @@ def _listify(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def compute_metrics(table: EvalTable, samples: int = 1000, seed: int = 0, tolerance: float = TOLERANCE) -> dict:
+def compute_metrics(table: EvalTable, tolerance: float, samples: int = 1000, seed: int = 0) -> dict:
     """All metrics of all systems: overall, per task, per turn bucket, per turn, and the gate.
 
     Args:
         table: the aligned arrays.
+        tolerance: half-width of the band around the target.
         samples: bootstrap resamples.
         seed: bootstrap seed.
-        tolerance: half-width of the band around the target.
     """
     everyone = np.arange(table.num_dialogues)
     systems = {}
@@ -483,71 +482,3 @@ def compute_metrics(table: EvalTable, samples: int = 1000, seed: int = 0, tolera
             }
         systems[name] = entry
     return systems
-
-
-def check_targets(systems: dict, timing: dict | None = None) -> list[dict]:
-    """The issue's targets for the gated model, each with what was measured and whether it is met
-    (None when the run lacks a system or setting needed to tell).
-
-    Args:
-        systems: :func:`compute_metrics` output for the primary scorer.
-        timing: ``{"seconds", "dialogues", "turns", "systems", "max_new_tokens"}`` of the run, or None.
-    """
-    value = lambda system, *path: _dig(systems, system, *path)  # noqa: E731
-    rows = []
-
-    def add(target: str, measured: str, met: bool | None) -> None:
-        rows.append({"target": target, "measured": measured, "met": met})
-
-    reduction, prompt_reduction = value("gated", "overall", "gap_reduction_vs_base"), value("system_prompt", "overall", "gap_reduction_vs_base")
-    add(
-        "gated gap reduction vs base >= 72.66% (paper)",
-        _fmt_pct(reduction),
-        None if reduction is None else reduction >= 0.7266,
-    )
-    add(
-        "gated gap reduction >= system_prompt's",
-        f"{_fmt_pct(reduction)} vs {_fmt_pct(prompt_reduction)}",
-        None if reduction is None or prompt_reduction is None else reduction >= prompt_reduction,
-    )
-    accuracy, external_accuracy = value("gated", "gate", "accuracy"), value("external", "gate", "accuracy")
-    add(
-        "gated gate accuracy >= external's selection by task",
-        f"{_fmt_pct(accuracy)} vs {_fmt_pct(external_accuracy)}",
-        None if accuracy is None or external_accuracy is None else accuracy >= external_accuracy,
-    )
-    gap, external_gap = value("gated", "overall", "gap"), value("external", "overall", "gap")
-    add(
-        "gated gap <= 1.05 x external's",
-        f"{_fmt(gap)} vs {_fmt(external_gap)} (x{_fmt(gap / external_gap if gap and external_gap else None)})",
-        None if gap is None or external_gap is None else gap <= 1.05 * external_gap,
-    )
-    early, late = value("gated", "overall", "by_bucket", "1-5", "gap"), value("gated", "overall", "by_bucket", "30+", "gap")
-    add("gated gap at turns 30+ <= at turns 1-5 (no drift)", f"{_fmt(late)} vs {_fmt(early)}", None if early is None or late is None else late <= early)
-    early, late = value("system_prompt", "overall", "by_bucket", "1-5", "gap"), value("system_prompt", "overall", "by_bucket", "30+", "gap")
-    add("system_prompt gap grows from turns 1-5 to 30+", f"{_fmt(late)} vs {_fmt(early)}", None if early is None or late is None else late > early)
-    if timing is not None:
-        full = timing["dialogues"] >= 40 and timing["turns"] >= 30 and timing["systems"] >= 5 and timing["max_new_tokens"] >= 48
-        add(
-            "40 dialogues x 30 turns x 5 systems (48 new tokens) within 30 minutes",
-            f"{timing['seconds'] / 60:.1f} min for {timing['dialogues']} x {timing['turns']} x {timing['systems']} "
-            f"({timing['max_new_tokens']} tokens)",
-            (timing["seconds"] <= 1800) if full else None,
-        )
-    return rows
-
-
-def _dig(tree: dict, *path):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree.get("value") if isinstance(tree, dict) and "value" in tree else tree
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def _fmt_pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"

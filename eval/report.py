@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_empathy.train.taxonomy import LEVEL_TARGET, LEVELS
 from moe_empathy.utils import check_output_dir as check_output
 from moe_empathy.utils import replace_output_dir
 
-from .metrics import BUCKETS, LEVEL_TARGET, TOLERANCE, EvalTable, gate_choices
+from .metrics import BUCKETS, EvalTable, gate_choices
 from .rollout import DialogueRollout
 
 OUTPUT_KIND = "eval run"  # recorded in the output folder's marker (see moe_empathy.utils.replace_output_dir)
@@ -45,7 +46,7 @@ def _pyplot():
     return plt
 
 
-def plot_empathy_by_turn(systems: dict, path: Path, tolerance: float = TOLERANCE) -> None:
+def plot_empathy_by_turn(systems: dict, path: Path, tolerance: float) -> None:
     """Mean score by turn of each system, one panel per task level, with the target band.
 
     Args:
@@ -56,7 +57,7 @@ def plot_empathy_by_turn(systems: dict, path: Path, tolerance: float = TOLERANCE
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    groups = [g for g in ("low", "medium", "high") if any(g in s["by_turn"] for s in systems.values())]
+    groups = [g for g in LEVELS if any(g in s["by_turn"] for s in systems.values())]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         target = None

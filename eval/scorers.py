@@ -1,12 +1,11 @@
-"""Per-turn empathy scorers: the shared score type, input checks, the 1-5 mapping
-and the registry.
+"""Per-turn empathy scorers, by name.
 
 ``get_scorer(name)`` returns an object whose ``.score(responses, contexts)`` gives an
-:class:`EmpathyScore` per response. Scorers: ``lexical`` (lexicons and patterns,
+:class:`~.scoring.EmpathyScore` per response. Scorers: ``lexical`` (lexicons and patterns,
 :mod:`.lexical`), ``embedding`` (MiniLM similarity to prototype sentences,
 :mod:`.embedding`), ``judge`` (a chat model's rubric rating, local or over an
-OpenAI-compatible endpoint, :mod:`.judge`). Validation against hand labels is in
-:mod:`.validate_scorers`.
+OpenAI-compatible endpoint, :mod:`.judge`). What they share is in :mod:`.scoring`;
+validation against hand labels is in :mod:`.validate_scorers`.
 
 No scorer reads the dialogue generator's phrase inventory: evaluating with it
 would only measure template recall (a test enforces this).
@@ -14,102 +13,16 @@ would only measure template recall (a test enforces this).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .embedding import EmbeddingScorer
+from .judge import JudgeScorer
+from .lexical import LexicalScorer
+from .scoring import Scorer
 
-MECHANISMS = ("emotional_reaction", "interpretation", "exploration")
-
-
-@dataclass
-class EmpathyScore:
-    """Empathy of one response.
-
-    Attributes:
-        score: 1 (no empathy) to 5 (strong empathy).
-        mechanisms: strength 0-2 of ``emotional_reaction``, ``interpretation``
-            and ``exploration`` (EPITOME).
-    """
-
-    score: float
-    mechanisms: dict[str, int] = field(default_factory=dict)
-
-
-def mechanisms_to_score(strengths: dict[str, float]) -> float:
-    """Map mechanism strengths (0-2 each, may be fractional) to the 1-5 scale.
-
-    Args:
-        strengths: one value per mechanism.
-    """
-    total = sum(min(max(float(strengths[m]), 0.0), 2.0) for m in MECHANISMS)
-    return 1.0 + 4.0 * total / (2 * len(MECHANISMS))
-
-
-def context_text(context) -> str:
-    """The conversation before a response, as plain text.
-
-    Args:
-        context: a string, or a list of ``{"role", "content"}`` messages.
-    """
-    if isinstance(context, str):
-        return context
-    if isinstance(context, (list, tuple)) and all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) for m in context
-    ):
-        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in context)
-    raise TypeError(
-        "a context must be a string or a list of {'role', 'content'} messages, "
-        f"got {type(context).__name__}"
-    )
-
-
-def check_inputs(responses, contexts) -> tuple[list[str], list[str]]:
-    """Validate a scoring call and normalise contexts to text.
-
-    Args:
-        responses: list of non-empty strings.
-        contexts: list of the same length (string or message list each), or None.
-
-    Raises:
-        TypeError / ValueError: naming the bad item and what to pass instead.
-    """
-    if isinstance(responses, str) or not isinstance(responses, (list, tuple)):
-        raise TypeError("responses must be a list of strings; wrap a single response as [response]")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise TypeError(f"responses[{i}] is {type(r).__name__}, not a string")
-        if not r.strip():
-            raise ValueError(f"responses[{i}] is empty; drop it or score a non-empty reply")
-    if contexts is None:
-        return list(responses), [""] * len(responses)
-    if isinstance(contexts, str) or not isinstance(contexts, (list, tuple)):
-        raise TypeError("contexts must be a list with one context per response (or None)")
-    if len(contexts) != len(responses):
-        raise ValueError(
-            f"got {len(responses)} responses but {len(contexts)} contexts; "
-            "pass one context per response"
-        )
-    return list(responses), [context_text(c) for c in contexts]
-
-
-class Scorer:
-    """Base class: subclasses implement :meth:`_score` on checked inputs."""
-
-    name = "base"
-
-    def score(self, responses, contexts=None) -> list[EmpathyScore]:
-        """Score each response in its context.
-
-        Args:
-            responses: the assistant replies.
-            contexts: the conversation before each reply (string or messages), or None.
-        """
-        responses, contexts = check_inputs(responses, contexts)
-        return self._score(responses, contexts) if responses else []
-
-    def _score(self, responses: list[str], contexts: list[str]) -> list[EmpathyScore]:
-        raise NotImplementedError
-
-
-SCORERS = ("lexical", "embedding", "judge")
+SCORERS: dict[str, type[Scorer]] = {
+    LexicalScorer.name: LexicalScorer,
+    EmbeddingScorer.name: EmbeddingScorer,
+    JudgeScorer.name: JudgeScorer,
+}
 
 
 def get_scorer(name: str, **kwargs) -> Scorer:
@@ -122,16 +35,6 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    if name == "lexical":
-        from .lexical import LexicalScorer
-
-        return LexicalScorer(**kwargs)
-    if name == "embedding":
-        from .embedding import EmbeddingScorer
-
-        return EmbeddingScorer(**kwargs)
-    if name == "judge":
-        from .judge import JudgeScorer
-
-        return JudgeScorer(**kwargs)
-    raise ValueError(f"unknown scorer {name!r}; choose from: {', '.join(SCORERS)}")
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose from: {', '.join(SCORERS)}")
+    return SCORERS[name](**kwargs)

@@ -14,9 +14,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from moe_empathy.train.taxonomy import MECHANISMS
 from moe_empathy.utils import atomic_write_text
 
-from .scorers import MECHANISMS, SCORERS, get_scorer
+from .scorers import SCORERS, get_scorer
 
 
 def load_hand_labelled(path: str | Path | None = None) -> list[dict]:

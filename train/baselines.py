@@ -28,7 +28,7 @@ from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TINY_BASE, TrainConfig
-from .trainer import EncodedDialogues, copy_model_files, run_training, write_summary
+from .trainer import EncodedDialogues, copy_model_files, run_training, training_arguments, write_summary
 
 SPLITS = ("train", "validation", "test")
 
@@ -223,8 +223,6 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     Returns:
         The run's summary.
     """
-    from .trainer import training_arguments
-
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
     splits = encode_splits(config, tokenizer, ensure_corpus(config, args))

@@ -7,21 +7,45 @@ Vocabulary (shared by the generator, the data schema and the model's expert name
 * mechanisms (EPITOME, Sharma et al. 2020): ``emotional_reaction``,
   ``interpretation``, ``exploration``, each of strength 0 (none), 1 (weak), 2 (strong).
 
-A level is a band of total mechanism strength (see :func:`level_of`), so every
-labelled assistant turn's mechanisms are consistent with its level by construction.
+A level is a band of total mechanism strength (:data:`LEVEL_TOTALS`, :func:`level_of`), so
+every labelled assistant turn's mechanisms are consistent with its level by construction.
+The 1-5 empathy scale of the evaluation maps the total strength 0-6 linearly to 1-5
+(:func:`total_to_score`); a level's target score is the middle of its band on that scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-LEVELS: tuple[str, ...] = ("low", "medium", "high")
 MECHANISMS: tuple[str, ...] = ("emotional_reaction", "interpretation", "exploration")
+MAX_STRENGTH = 2  # of one mechanism
+MAX_TOTAL = MAX_STRENGTH * len(MECHANISMS)
+# Band of total mechanism strength (inclusive) of each level, lowest level first.
+LEVEL_TOTALS: dict[str, tuple[int, int]] = {"low": (0, 1), "medium": (2, 3), "high": (4, MAX_TOTAL)}
+LEVELS: tuple[str, ...] = tuple(LEVEL_TOTALS)
+SHIFTS: tuple[str, ...] = ("up", "down", "none")  # how the target level moves at a reply
 # The user's state moves the right level away from the task's own: a user who asks
 # to stick to practicalities wants one level less, an upset user one more, a
 # distressed user two more (clamped to the range of levels).
 STATE_OFFSET: dict[str, int] = {"steady": -1, "neutral": 0, "upset": 1, "distressed": 2}
 USER_STATES: tuple[str, ...] = tuple(STATE_OFFSET)
+
+
+def total_to_score(total: float) -> float:
+    """A total mechanism strength (0-6) on the 1-5 empathy scale.
+
+    Args:
+        total: the summed strengths (may be fractional, e.g. a scorer's evidence).
+    """
+    return 1.0 + 4.0 * total / MAX_TOTAL
+
+
+LEVEL_BAND: dict[str, tuple[float, float]] = {
+    level: (total_to_score(low), total_to_score(high)) for level, (low, high) in LEVEL_TOTALS.items()
+}  # on the 1-5 scale
+LEVEL_TARGET: dict[str, float] = {
+    level: (low + high) / 2 for level, (low, high) in LEVEL_BAND.items()
+}  # low 1.33, medium 2.67, high 4.33
 
 
 def level_of(mechanisms: dict[str, int]) -> str:
@@ -31,12 +55,17 @@ def level_of(mechanisms: dict[str, int]) -> str:
         mechanisms: strength 0-2 for each name in :data:`MECHANISMS`.
 
     Returns:
-        ``low`` for a total strength of 0-1, ``medium`` for 2-3, ``high`` for 4-6.
+        the level whose band (:data:`LEVEL_TOTALS`) holds the total strength:
+        ``low`` for 0-1, ``medium`` for 2-3, ``high`` for 4-6.
+
+    Raises:
+        ValueError: for a strength outside 0-2, naming the mechanism.
     """
+    for name in MECHANISMS:
+        if not 0 <= mechanisms[name] <= MAX_STRENGTH:
+            raise ValueError(f"{name} has strength {mechanisms[name]!r}; strengths are 0-{MAX_STRENGTH}")
     total = sum(mechanisms[name] for name in MECHANISMS)
-    if total <= 1:
-        return "low"
-    return "medium" if total <= 3 else "high"
+    return next(level for level, (_, high) in LEVEL_TOTALS.items() if total <= high)
 
 
 def target_level(task_level: str, user_state: str) -> str:

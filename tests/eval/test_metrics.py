@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from moe_empathy.eval.metrics import (
-    LEVEL_BAND,
-    LEVEL_TARGET,
     EvalTable,
     bootstrap,
     build_table,
-    check_targets,
     compute_metrics,
     copy_flags,
     distinct_n,
@@ -24,9 +24,17 @@ from moe_empathy.eval.metrics import (
     split_sentences,
 )
 from moe_empathy.eval.rollout import DialogueRollout
-from moe_empathy.eval.scorers import EmpathyScore
+from moe_empathy.eval.scoring import EmpathyScore
+from moe_empathy.train.taxonomy import LEVEL_BAND, LEVEL_TARGET
 
 NAMES = ["low", "medium", "high"]
+TOLERANCE = 1.0
+
+
+def test_metrics_import_numpy_and_not_torch():
+    code = "import sys, moe_empathy.eval.metrics; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
 
 
 def test_targets_are_the_middle_of_each_level_band():
@@ -50,7 +58,7 @@ def test_gap_reduction_and_high_task_factor():
     levels = [["high", "high"], ["low", "low"]]
     perfect = [[LEVEL_TARGET["high"]] * 2, [LEVEL_TARGET["low"]] * 2]
     table = _table(levels, {"base": [[1.0, 1.0], [1.0, 1.0]], "ours": perfect, "half": [[2.0, 2.0], [1.0, 1.0]]}, ["high", "low"])
-    metrics = compute_metrics(table, samples=50)
+    metrics = compute_metrics(table, TOLERANCE, samples=50)
     base_gap = ((13 / 3 - 1) * 2 + (4 / 3 - 1) * 2) / 4
     assert metrics["base"]["overall"]["gap"]["value"] == pytest.approx(base_gap)
     assert metrics["ours"]["overall"]["gap"]["value"] == pytest.approx(0.0)
@@ -65,7 +73,7 @@ def test_gap_reduction_and_high_task_factor():
 def test_over_empathy_counts_only_low_task_turns_above_their_target():
     levels = [["low", "high"], ["high", "high"]]
     table = _table(levels, {"base": [[3.0, 5.0], [5.0, 5.0]]}, ["low", "high"])
-    overall = compute_metrics(table, samples=20)["base"]["overall"]
+    overall = compute_metrics(table, TOLERANCE, samples=20)["base"]["overall"]
     # Low task: turn 1 is 3.0 - 4/3 above its target; turn 2 expects high and exceeds it by 2/3.
     assert overall["over_empathy_low_tasks"]["value"] == pytest.approx(((3 - 4 / 3) + (5 - 13 / 3)) / 2)
     assert overall["over_empathy_rate_low_tasks"]["value"] == pytest.approx(0.5)  # only 5/3 > 1.0 tolerance
@@ -84,7 +92,7 @@ def test_buckets_are_inclusive_as_named():
     levels = [["low"] * 31]
     scores = [[LEVEL_TARGET["low"]] * 29 + [3.0, 5.0]]
     table = _table(levels, {"base": scores}, ["low"])
-    buckets = compute_metrics(table, samples=10)["base"]["overall"]["by_bucket"]
+    buckets = compute_metrics(table, TOLERANCE, samples=10)["base"]["overall"]["by_bucket"]
     assert list(buckets) == ["1-5", "6-15", "16-30", "30+"]
     assert buckets["1-5"]["gap"]["value"] == pytest.approx(0.0)
     assert buckets["16-30"]["gap"]["value"] == pytest.approx((3 - 4 / 3) / 15)
@@ -139,24 +147,6 @@ def test_empty_replies_score_one_without_reaching_the_scorer():
     assert response == "hello" and [m["content"] for m in context] == ["hi", "", "and?"]
 
 
-def test_targets_report_met_missed_and_unmeasurable():
-    def entry(value):
-        return {"value": value}
-
-    systems = {
-        "gated": {"overall": {"gap": entry(0.5), "gap_reduction_vs_base": entry(0.8), "by_bucket": {"1-5": {"gap": entry(0.5)}}}, "gate": {"accuracy": entry(0.7)}},
-        "system_prompt": {"overall": {"gap_reduction_vs_base": entry(0.9), "by_bucket": {"1-5": {"gap": entry(1.0)}}}},
-        "external": {"overall": {"gap": entry(0.5)}, "gate": {"accuracy": entry(0.6)}},
-    }
-    rows = {r["target"]: r["met"] for r in check_targets(systems, {"seconds": 100, "dialogues": 4, "turns": 3, "systems": 5, "max_new_tokens": 48})}
-    assert rows["gated gap reduction vs base >= 72.66% (paper)"] is True
-    assert rows["gated gap reduction >= system_prompt's"] is False
-    assert rows["gated gate accuracy >= external's selection by task"] is True
-    assert rows["gated gap <= 1.05 x external's"] is True
-    assert rows["gated gap at turns 30+ <= at turns 1-5 (no drift)"] is None
-    assert rows["40 dialogues x 30 turns x 5 systems (48 new tokens) within 30 minutes"] is None
-
-
 def test_a_copied_reply_counts_and_a_paraphrase_does_not():
     first = "Try restarting the router. Then check the cable."
     replies = [
@@ -191,7 +181,7 @@ def test_repetition_metrics_per_system_and_in_the_report():
         name: [DialogueRollout(name, f"d{d}", "t", "low", users=["u"] * 3, replies=rows[d], levels=levels[d]) for d in range(2)]
         for name, rows in replies.items()
     }
-    metrics = compute_metrics(build_table(rollouts, scores, NAMES), samples=50)
+    metrics = compute_metrics(build_table(rollouts, scores, NAMES), TOLERANCE, samples=50)
     loops, varied = metrics["loops"]["repetition"], metrics["varied"]["repetition"]
     assert loops["copy_rate"]["value"] == pytest.approx(4 / 6) and varied["copy_rate"]["value"] == 0.0
     assert loops["distinct_2"]["value"] == pytest.approx(3 / 9)  # "fix it", "it now.", "go on." over 9 bigrams

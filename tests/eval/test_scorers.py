@@ -1,5 +1,6 @@
 import argparse
 import ast
+import dataclasses
 import json
 import string
 import threading
@@ -10,12 +11,13 @@ import pytest
 
 import moe_empathy.eval as eval_pkg
 from moe_empathy.eval import EmpathyScore, get_scorer
-from moe_empathy.eval.scorers import mechanisms_to_score
+from moe_empathy.eval.scoring import mechanisms_to_score
 from moe_empathy.eval.validate_scorers import add_parser, load_hand_labelled, validate_scorers
-from moe_empathy.train import phrases
+from moe_empathy.train.phrases import load_phrases
 
 EVAL_DIR = Path(eval_pkg.__file__).parent
-SCORER_MODULES = ["scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py"]
+SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py"]
+VOCABULARY = "moe_empathy.train.taxonomy"  # the shared names of levels and mechanisms, no phrasing
 
 CONTEXT = "My sister died last week and I have to sort out her flat. Where do I even start?"
 FLAT = "Start with the lease: tell the landlord in writing and ask about the notice period."
@@ -135,8 +137,7 @@ def _fragments(template: str, words: int):
 
 
 def _inventory(words: int) -> set[str]:
-    return {frag for name in dir(phrases) if name.isupper()
-            for s in _strings(getattr(phrases, name)) for frag in _fragments(s, words)}
+    return {frag for s in _strings(dataclasses.asdict(load_phrases())) for frag in _fragments(s, words)}
 
 
 def test_scorers_do_not_read_the_generator_inventory():
@@ -145,7 +146,7 @@ def test_scorers_do_not_read_the_generator_inventory():
     for module in SCORER_MODULES:
         path = EVAL_DIR / module
         for imported in _imports(path):
-            assert "train" not in imported and "phrases" not in imported and "synth" not in imported, (
+            assert imported == VOCABULARY or not any(word in imported for word in ("train", "phrases", "synth")), (
                 f"{module} imports {imported}")
         source = path.read_text().lower()
         shared = [frag for frag in inventory if frag in source]
