@@ -1,1515 +1,363 @@
-"""Phrase inventory of the template generator.
+"""Phrase data of the template generator: typed loader and schema check.
 
-Everything the template backend says comes from here: per task, the contexts and
-situations (which make up the scenarios), what users ask and say when their state
-changes, the helpful content of the replies; and, across tasks, the pieces from
-which the sentences of each empathy mechanism at each strength are composed.
-Placeholders in braces are filled by :mod:`moe_empathy.train.synth`.
+Everything the template backend says lives in YAML files under ``data/phrases/``
+beside this module: ``user.yaml`` (what simulated users say across tasks),
+``assistant.yaml`` (how replies and their empathy are composed) and one file per
+task in ``tasks/`` (scenarios, requests, helpful content, triggers). Each file's
+header comment explains its keys; the dataclasses below are the schema.
 
-Helpful content comes in *items*, each a tuple of paraphrases. A paraphrase that
-starts in lower case is a step (an imperative clause without a full stop) that
-the generator completes with a lead such as "you could" or "a good next step is
-to"; any other paraphrase is a full sentence.
+:func:`load_phrases` reads the files into those dataclasses and checks them: every
+key present and no unknown one, the right types, the vocabulary of
+:mod:`.taxonomy` covered (tasks, levels, mechanisms), every mechanism profile
+matching its level, and only known placeholders in the templates. Bad data raises
+:class:`PhraseDataError` naming the file, the key and the problem.
 
-The evaluation scorers must never read this module (a test enforces it).
+The evaluation scorers must never read this data (a test enforces it).
 """
 
 from __future__ import annotations
 
-NAMES = (
-    "Maya", "Jonas", "Priya", "Tom", "Aisha", "Lukas", "Sofia", "Daniel", "Mei", "Omar",
-    "Elena", "Kwame", "Hannah", "Diego", "Yuki", "Fatima", "Noah", "Chiara", "Ravi", "Ingrid",
-    "Samuel", "Leila", "Marco", "Zoe", "Tariq", "Anneke", "Ben", "Lucia", "Kenji", "Grace",
-    "Pavel", "Nadia", "Oscar", "Amara", "Felix", "Rosa", "Ivan", "Chloe", "Hugo", "Sana",
-    "Bilal", "Freya", "Mateo", "Ayumi", "Joseph", "Olga", "Rahul", "Esther", "Finn", "Lina",
-)
-OCCUPATIONS = (
-    "nurse", "student", "software developer", "teacher", "retired engineer", "barista",
-    "accountant", "graphic designer", "electrician", "PhD candidate", "shop owner",
-    "social worker", "chef", "truck driver", "pharmacist", "musician", "lawyer",
-    "warehouse worker", "architect", "stay-at-home parent", "bus driver", "librarian",
-    "carpenter", "call-centre agent", "farmer", "paramedic",
-)
-STYLES = ("casual", "formal", "terse", "chatty")
-GREETINGS = {
-    "casual": ("hey", "hi there", "hiya", "hey hey", "yo", "heya", "hey, quick q", "hi"),
-    "formal": ("Good evening.", "Hello.", "Good morning.", "Hello, I hope you can help.",
-               "Good afternoon.", "Hello, I have a question.", "Dear assistant,"),
-    "terse": ("", "", "", "Hi.", "Quick one.", "Question."),
-    "chatty": ("Hi! So,", "Hello hello! Okay so", "Hi! Long story short,", "Oh hi! So",
-               "Hiya! Right, so", "Hey! Okay, bear with me,", "Hello! I have a thing,"),
-}
-FILLERS = {
-    "casual": ("", "", " lol", " tbh", " ngl", " haha", " any ideas?"),
-    "formal": ("", "", " Thank you in advance.", " I would appreciate your advice.",
-               " Many thanks.", " Any guidance is welcome."),
-    "terse": ("", "", "", "", " Thanks."),
-    "chatty": (" Anyway!", " Sorry, I ramble.", " Does that make sense?", " Haha.",
-               " Ugh, sorry for the essay.", " Okay, that's it from me!", ""),
-}
+import dataclasses
+import functools
+import string
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 
-EMOTIONS = {
-    "upset": ("frustrated", "stressed", "uneasy", "worried", "annoyed", "rattled",
-              "anxious", "fed up", "tense", "discouraged", "irritable", "drained"),
-    "distressed": ("devastated", "panicked", "heartbroken", "lost", "terrified", "numb",
-                   "shattered", "crushed", "overwhelmed", "alone", "desperate", "hopeless"),
-}
-# Words the assistant may use to reflect a feeling back, by the user's own word.
-EMOTION_ECHOES = {
-    "frustrated": ("frustrated", "fed up", "exasperated"),
-    "stressed": ("stressed", "pressured", "stretched thin"),
-    "uneasy": ("uneasy", "unsettled", "on edge"),
-    "worried": ("worried", "anxious", "uneasy"),
-    "annoyed": ("annoyed", "irritated", "frustrated"),
-    "rattled": ("rattled", "shaken", "thrown"),
-    "anxious": ("anxious", "worried", "on edge"),
-    "fed up": ("fed up", "worn down", "frustrated"),
-    "tense": ("tense", "wound up", "on edge"),
-    "discouraged": ("discouraged", "disheartened", "deflated"),
-    "irritable": ("irritable", "prickly", "worn thin"),
-    "drained": ("drained", "exhausted", "worn out"),
-    "devastated": ("devastated", "crushed", "broken-hearted"),
-    "panicked": ("panicked", "frightened", "overwhelmed"),
-    "heartbroken": ("heartbroken", "devastated", "grief-stricken"),
-    "lost": ("lost", "adrift", "unmoored"),
-    "terrified": ("terrified", "frightened", "scared"),
-    "numb": ("numb", "flat", "empty"),
-    "shattered": ("shattered", "broken", "devastated"),
-    "crushed": ("crushed", "flattened", "heartbroken"),
-    "overwhelmed": ("overwhelmed", "swamped", "flooded"),
-    "alone": ("alone", "isolated", "lonely"),
-    "desperate": ("desperate", "frantic", "cornered"),
-    "hopeless": ("hopeless", "defeated", "despairing"),
-}
+import yaml
 
-# Per task:
-#   topic: the subject as the assistant names it, when the user disclosed no event;
-#   short: the subject as the user names it when returning to the task;
-#   about: short names the assistant uses for the subject in questions ({about});
-#   context: a lead that places a situation's advice in the scenario's detail;
-#   details: the second scenario axis (who / what / where), filled into {detail};
-#   situations: name -> asks (user requests), help (items of helpful content) and
-#       slots (values for the situation's own placeholders); a scenario is
-#       (task, situation, detail);
-#   slots: values for placeholders that any situation of the task may use;
-#   followups: what a calm user says to keep the task going;
-#   extra_help: items of helpful content for any situation of the task;
-#   triggers: (what the user says when things get worse, the event as the
-#       assistant names it); {emotion} is filled from EMOTIONS.
-TASKS = {
-    "movie_recommendation": {
-        "topic": "picking a film for {detail}",
-        "short": "movie",
-        "about": ("the film choice", "the plan for {detail}", "movie night", "tonight's pick", "the shortlist"),
-        "context": "for {detail}, ",
-        "details": ("a rainy Sunday", "date night", "a family evening with two kids",
-                    "a long flight", "a night alone", "a sleepover with teenagers",
-                    "my parents' anniversary", "a film club meeting", "a hangover day",
-                    "a snowed-in weekend"),
-        "situations": {
-            "feel_good": {
-                "asks": ("Can you suggest something light and funny for {detail}?",
-                         "I need a feel-good film for {detail}.",
-                         "Looking for a comedy that works for {detail}.",
-                         "What's a cheerful movie for {detail}?",
-                         "Something warm and silly for {detail}, any ideas?"),
-                "help": (
-                    ("For {detail}, {film} is a safe pick: warm, quick and funny.",
-                     "start with {film}; it is warm, quick and funny",
-                     "{film} is my first suggestion: gentle, fast and properly funny."),
-                    ("keep {film2} as a backup; it has the same easy, good-natured tone",
-                     "If you have already seen that one, {film2} has a similar easy humour.",
-                     "{film2} is another crowd-pleaser with the same light touch."),
-                    ("Most comedies like these run well under two hours, so they fit an evening.",
-                     "check the running time first; {film} is short enough to leave room for a snack break"),
-                    ("let everyone pick snacks while you queue up {film}; comedies land better in company",
-                     "A comedy is easier to enjoy when nobody is checking their phone, so agree on a phone-free hour."),
-                ),
-                "slots": {
-                    "film": ("Paddington 2", "The Grand Budapest Hotel", "Chef", "School of Rock",
-                             "The Princess Bride", "Groundhog Day", "Sing Street", "Amelie",
-                             "Legally Blonde", "Hunt for the Wilderpeople", "Game Night", "Booksmart"),
-                    "film2": ("Little Miss Sunshine", "The Intouchables", "Palm Springs", "Paddington",
-                              "The Nice Guys", "Mamma Mia!", "Clueless",
-                              "The Secret Life of Walter Mitty", "Jojo Rabbit", "Notting Hill"),
-                },
-            },
-            "thriller": {
-                "asks": ("I want a tense thriller for {detail}, nothing too gory.",
-                         "Any gripping thrillers for {detail}?",
-                         "Suggest a mystery that keeps me guessing, it's for {detail}.",
-                         "What's a clever whodunnit for {detail}?",
-                         "I'd like something suspenseful for {detail}, but not horror."),
-                "help": (
-                    ("{film} builds suspense without much gore.",
-                     "go for {film}: it keeps the tension high and the gore low",
-                     "{film} is a good fit; the suspense comes from the plot, not from blood."),
-                    ("For something twistier, {film2} rewards close attention.",
-                     "save {film2} for when you want more twists; it pays to watch closely",
-                     "{film2} is the brainier option, with a twist worth waiting for."),
-                    ("check your usual streaming apps first; both titles turn up on most of them",
-                     "Both films appear on the big streaming services, so a quick search usually finds them."),
-                    ("avoid the trailers; they give away too much of the twist",
-                     "Thriller trailers tend to spoil the best reveal, so go in blind if you can."),
-                ),
-                "slots": {
-                    "film": ("Knives Out", "Rear Window", "Zodiac", "Prisoners", "Gone Baby Gone",
-                             "The Fugitive", "Wind River", "Searching", "Dial M for Murder", "Sicario"),
-                    "film2": ("Gone Girl", "Memento", "The Prestige", "Shutter Island", "Parasite",
-                              "The Usual Suspects", "Oldboy", "Primal Fear", "Glass Onion", "Vertigo"),
-                },
-            },
-            "animated": {
-                "asks": ("What animated movies would suit {detail}?",
-                         "We want something animated for {detail}.",
-                         "Recommend an animated film for {detail}, please.",
-                         "Any cartoons that grown-ups enjoy too, for {detail}?",
-                         "Looking for a good animated film for {detail}."),
-                "help": (
-                    ("{film} works for all ages and has a great soundtrack.",
-                     "put on {film}; it works for every age and the music is lovely",
-                     "{film} is a strong choice: it suits all ages and looks beautiful."),
-                    ("{film2} is gentler and shorter, good if attention runs low.",
-                     "keep {film2} in reserve for when attention runs low; it is gentler and shorter"),
-                    ("turn on subtitles or audio description if anyone needs them; most platforms offer both",
-                     "Most platforms carry subtitles and audio description for these films."),
-                    ("check the age rating before you start; some animated films have scary villains",
-                     "A few animated films have frightening scenes, so the age rating is worth a glance."),
-                ),
-                "slots": {
-                    "film": ("Spirited Away", "Coco", "Up", "Ratatouille", "The Iron Giant",
-                             "Kiki's Delivery Service", "Inside Out", "Zootopia", "Moana", "Klaus"),
-                    "film2": ("Wallace and Gromit: The Curse of the Were-Rabbit", "My Neighbour Totoro",
-                              "Shaun the Sheep Movie", "Kung Fu Panda", "Lilo and Stitch", "Paddington",
-                              "The Mitchells vs. the Machines", "Song of the Sea", "Ponyo", "Wolfwalkers"),
-                },
-            },
-            "classic": {
-                "asks": ("I'd like an old classic for {detail}.",
-                         "Which black-and-white classics are worth it for {detail}?",
-                         "Recommend a classic film for {detail}.",
-                         "Something from the golden age of Hollywood for {detail}?",
-                         "What's an old film that still holds up, for {detail}?"),
-                "help": (
-                    ("{film} is a classic that still feels fresh.",
-                     "try {film}; decades on, it still feels fresh",
-                     "{film} has aged remarkably well and makes an easy first classic."),
-                    ("If that lands well, {film2} is a natural second feature.",
-                     "follow it with {film2} if the first one goes down well"),
-                    ("set up a comfortable spot; older films move slower and reward patience",
-                     "Older films move at a gentler pace, so a comfortable setup helps."),
-                    ("look for a restored version; the picture and sound are far better",
-                     "Restored editions of classics look and sound much better than old broadcast copies."),
-                ),
-                "slots": {
-                    "film": ("Casablanca", "Some Like It Hot", "Roman Holiday", "It Happened One Night",
-                             "The Apartment", "North by Northwest", "Singin' in the Rain", "Notorious",
-                             "His Girl Friday", "The Philadelphia Story"),
-                    "film2": ("The Sting", "Bringing Up Baby", "The Third Man", "Sunset Boulevard",
-                              "Charade", "To Catch a Thief", "The Lady Eve", "12 Angry Men",
-                              "Breakfast at Tiffany's", "Modern Times"),
-                },
-            },
-            "series": {
-                "asks": ("Recommend a series to binge over {detail}.",
-                         "I want a show, not a film, for {detail}.",
-                         "Any short series worth starting for {detail}?",
-                         "What's a bingeable show for {detail}?",
-                         "Suggest a TV series for {detail}, nothing with ten seasons."),
-                "help": (
-                    ("A limited series like {show} finishes in a weekend.",
-                     "pick a limited series such as {show}; you can finish it in a weekend"),
-                    ("{show2} has short episodes, easy to stop at any point.",
-                     "go for {show2} if you want short episodes you can stop at any point"),
-                    ("check the episode count first so you know what you are signing up for",
-                     "Knowing the episode count up front keeps a binge from eating the whole week."),
-                    ("watch the first two episodes before deciding; many shows start slowly",
-                     "Plenty of good series find their feet only by the second episode."),
-                ),
-                "slots": {
-                    "show": ("Chernobyl", "The Queen's Gambit", "Mare of Easttown", "Normal People",
-                             "Band of Brothers", "Station Eleven", "Unorthodox", "Mindhunter"),
-                    "show2": ("Fleabag", "Detectorists", "Schitt's Creek", "Derry Girls", "Ted Lasso",
-                              "Only Murders in the Building", "Abbott Elementary", "The Good Place"),
-                },
-            },
-            "documentary": {
-                "asks": ("Is there a good documentary for {detail}?",
-                         "I'm in the mood for a documentary, it's for {detail}.",
-                         "Suggest a nature or science documentary for {detail}.",
-                         "Any documentaries that feel like a proper story, for {detail}?",
-                         "What's a documentary that won't bore anyone, for {detail}?"),
-                "help": (
-                    ("{doc} is beautifully shot and easy to follow.",
-                     "start with {doc}; it is beautifully shot and easy to follow"),
-                    ("For something more thought-provoking, try {doc2}.",
-                     "move on to {doc2} if you want something that leaves you thinking"),
-                    ("plan a short chat afterwards; documentaries give people plenty to talk about",
-                     "Documentaries pair well with a short discussion afterwards."),
-                    ("check whether it comes as one film or as episodes before you commit",
-                     "Some documentaries are feature-length and others run as series, which changes the evening."),
-                ),
-                "slots": {
-                    "doc": ("Planet Earth II", "My Octopus Teacher", "Free Solo", "Apollo 11",
-                            "The Biggest Little Farm", "Jiro Dreams of Sushi", "Our Planet", "Blue Planet II"),
-                    "doc2": ("Man on Wire", "Searching for Sugar Man", "Honeyland", "Fire of Love",
-                             "Three Identical Strangers", "Blackfish", "Hoop Dreams",
-                             "The Act of Killing"),
-                },
-            },
-        },
-        "slots": {},
-        "followups": ("Anything similar to that?", "Is it too long for tonight?",
-                      "What about something newer?", "Which one would you start with?",
-                      "Is it okay with subtitles off?", "Where can I stream it?",
-                      "Got a backup option in case we've seen it?", "Is it suitable for kids?",
-                      "How long is it?", "Anything less well known?", "Which is the funniest?",
-                      "Is there a sequel worth watching?"),
-        "extra_help": (
-            ("pick by mood first and genre second",
-             "A good rule is to choose by mood first and genre second.",
-             "Deciding on the mood you want before the genre narrows things down fast."),
-            ("let each person veto one title if nobody agrees",
-             "When nobody agrees, giving each person one veto settles it quickly.",
-             "give everyone one veto and pick from whatever survives"),
-            ("read audience reviews rather than critics' for a casual evening",
-             "Audience reviews often match a relaxed evening better than critics' reviews do.",
-             "For a relaxed night, audience scores are usually a better guide than critics."),
-            ("keep a shortlist of three so the choosing does not eat the evening",
-             "A shortlist of three stops the choosing from eating the whole evening.",
-             "narrow it to three titles and choose from those"),
-            ("decide on a start time, so the film does not run past bedtime",
-             "Agreeing a start time keeps the film from running too late.",
-             "A fixed start time keeps a long film from eating into sleep."),
-            ("check a film's age rating and content notes before watching with others",
-             "Parents' guides on review sites flag anything awkward in advance.",
-             "glance at the age rating before you press play with others in the room"),
-            ("dim the lights and put phones in another room",
-             "A dark room and no phones make even an average film feel like an event.",
-             "make it an event: lights low, snacks ready, phones away"),
-            ("note down the films you liked, so the next choice is quicker",
-             "Keeping a list of favourites makes the next movie night easier to plan.",
-             "A running list of films you enjoyed turns the next choice into a two-minute job."),
-        ),
-        "triggers": (
-            ("My dad used to watch films like these with me. He died last month and I'm {emotion}.",
-             "the loss of your dad"),
-            ("Honestly I just got dumped and I'm {emotion}, I don't want to be alone with my thoughts tonight.",
-             "the break-up"),
-            ("Our dog always curled up with us for movie night. We had to put her down yesterday. I'm {emotion}.",
-             "losing your dog"),
-            ("It's the first movie night since my best friend moved away and I'm {emotion}.",
-             "your friend moving away"),
-        ),
-    },
-    "technical_support": {
-        "topic": "the trouble with {detail}",
-        "short": "tech",
-        "about": ("{detail}", "the device", "this fix", "the problem", "the set-up"),
-        "context": "on {detail}, ",
-        "details": ("my work laptop", "an old Windows desktop", "my MacBook", "a Chromebook",
-                    "my Android phone", "my iPhone", "the family tablet", "a Linux machine",
-                    "my office PC", "a second-hand laptop"),
-        "situations": {
-            "wifi": {
-                "asks": ("Wi-Fi keeps dropping on {detail}.",
-                         "{detail} won't stay connected to the internet.",
-                         "Why does {detail} lose Wi-Fi every few minutes?",
-                         "The internet on {detail} cuts out during {call}.",
-                         "{detail} says connected, no internet. Help?"),
-                "help": (
-                    ("forget the network and reconnect with the password",
-                     "Removing the saved network and joining it again with the password clears many drop-outs."),
-                    ("restart the router and check whether other devices drop too",
-                     "If other devices drop as well after a router restart, the problem is the router, not {detail}."),
-                    ("update the network driver or system software, then test again",
-                     "Outdated network drivers are a frequent cause, so an update is worth a try."),
-                    ("move closer to the router, or use a cable for {call}, to rule out a weak signal",
-                     "Walls and distance weaken Wi-Fi a lot, so test right next to the router once."),
-                ),
-                "slots": {"call": ("video calls", "my online classes", "gaming", "work meetings",
-                                   "streaming", "big downloads")},
-            },
-            "slow": {
-                "asks": ("{detail} has become painfully slow.",
-                         "Everything takes ages to open on {detail}.",
-                         "How do I speed up {detail}?",
-                         "{app} takes minutes to start on {detail}.",
-                         "{detail} freezes whenever I open {app}."),
-                "help": (
-                    ("check which apps use the most memory and close the heavy ones",
-                     "The task manager or activity monitor shows which apps eat the memory; {app} is often one of them."),
-                    ("free up disk space so that at least 15 percent of the drive stays empty",
-                     "A nearly full drive slows everything down, so aim to keep 15 percent of it free."),
-                    ("disable programs that launch at start-up, then reboot",
-                     "Start-up programs quietly slow every boot, and most can be switched off safely."),
-                    ("update {app} and the system, since old versions often leak memory",
-                     "Older versions of {app} are known to hog memory, so updating it may help."),
-                ),
-                "slots": {"app": ("the browser", "Photoshop", "Teams", "Excel", "Zoom",
-                                  "the photo app", "Outlook", "Spotify")},
-            },
-            "lost_file": {
-                "asks": ("I can't find {file} I saved yesterday on {detail}.",
-                         "{file} vanished from {detail}, how do I get it back?",
-                         "I think I deleted a folder with {file} on {detail} by accident.",
-                         "Where did {file} go? It was on {detail} this morning.",
-                         "{detail} doesn't show {file} anymore."),
-                "help": (
-                    ("look in the recycle bin or trash first; deleted files often sit there",
-                     "Deleted files usually wait in the recycle bin or trash for a while, so check there first."),
-                    ("search by the file's name or by date modified to catch a wrong folder",
-                     "Sorting by date modified often turns up a file that was saved into the wrong folder."),
-                    ("open the web version of your cloud storage; it keeps older versions for weeks",
-                     "If cloud sync was on, the web version keeps older copies of {file} for weeks."),
-                    ("stop saving new files to the drive until the file is back, so nothing overwrites it",
-                     "Saving lots of new files can overwrite deleted data, so keep the drive quiet for now."),
-                ),
-                "slots": {"file": ("a spreadsheet", "my cover letter", "the slides for Monday",
-                                   "a tax form", "a photo folder", "my novel draft", "the project report",
-                                   "a scanned contract")},
-            },
-            "printer": {
-                "asks": ("My printer won't print from {detail}.",
-                         "{detail} says {printer} is offline.",
-                         "Printing from {detail} just hangs in the queue.",
-                         "{printer} ignores everything I send from {detail}.",
-                         "How do I get {detail} to see {printer}?"),
-                "help": (
-                    ("clear the print queue and restart {printer}",
-                     "A stuck job blocks the whole queue, so clearing it and restarting {printer} often helps."),
-                    ("make sure both are on the same network, then remove and re-add the printer",
-                     "Printers drop off when they end up on a different network from the computer."),
-                    ("download the current driver from the manufacturer's site",
-                     "An up-to-date driver from the maker's website fixes many offline errors."),
-                    ("print a test page from the printer's own menu to check the printer itself",
-                     "If the printer can print its own test page, the fault lies in the connection."),
-                ),
-                "slots": {"printer": ("the printer", "the old laser printer", "the office printer",
-                                      "our inkjet", "the wireless printer", "the new all-in-one")},
-            },
-            "account": {
-                "asks": ("I'm locked out of {service} on {detail}.",
-                         "{detail} keeps rejecting my password for {service}.",
-                         "How do I recover {service}? Using {detail}.",
-                         "{service} says my account is suspended.",
-                         "I forgot my password for {service}."),
-                "help": (
-                    ("use the 'forgot password' link and pick the recovery email or phone",
-                     "The 'forgot password' link on the sign-in page sends a reset code to your recovery email or phone."),
-                    ("check that caps lock and the keyboard layout are right",
-                     "A wrong keyboard layout or caps lock causes more rejected passwords than people think."),
-                    ("turn on two-step verification and save the backup codes once you are in",
-                     "Once you are back in, two-step verification and saved backup codes keep it from happening again."),
-                    ("contact the support team of {service} if recovery fails, with proof of identity ready",
-                     "If self-service recovery fails, {service} support can verify you by other means."),
-                ),
-                "slots": {"service": ("my email", "my bank app", "my cloud storage", "the work chat",
-                                      "my social media account", "the school portal", "my online shop account")},
-            },
-            "update": {
-                "asks": ("An update broke something on {detail}.",
-                         "{detail} is stuck installing an update.",
-                         "After the last update, {app} crashes on {detail}.",
-                         "The update on {detail} has been at 30 percent for an hour.",
-                         "Since updating {detail}, {app} won't open."),
-                "help": (
-                    ("give it an hour; large updates look frozen while they work",
-                     "Big updates often sit on one percentage for a long time while they work."),
-                    ("hold the power button and boot into safe mode if it is truly stuck",
-                     "If nothing moves for hours, a forced restart into safe mode is the usual next step."),
-                    ("roll back the update from the recovery settings",
-                     "The recovery settings let you return to the previous version for a while after an update."),
-                    ("reinstall {app}, since app data sometimes breaks during system updates",
-                     "A fresh install of {app} fixes most crashes that start right after an update."),
-                ),
-                "slots": {"app": ("the browser", "Teams", "Excel", "Zoom", "the mail app",
-                                  "the banking app", "Outlook", "the camera app")},
-            },
-        },
-        "slots": {},
-        "followups": ("I tried that, still the same.", "Okay, what next?",
-                      "Where do I find that setting?", "Will that delete anything?",
-                      "That worked partly. Anything else?", "How long should that take?",
-                      "Is it worth calling the manufacturer?", "Do I need to be an admin for that?",
-                      "It gave me an error code.", "Should I just buy a new one?",
-                      "Can I do that on my own?", "Is it safe to do?"),
-        "extra_help": (
-            ("back up anything important before changing system settings",
-             "Backing up important files first means no fix can cost you data.",
-             "copy your important files somewhere safe before you change any settings"),
-            ("write down each step you try, so support can pick up from there",
-             "A short log of what you tried saves a lot of time if you end up calling support.",
-             "Notes on what you have tried let a support agent skip the basics."),
-            ("restart between steps; it fixes more than it should",
-             "A restart between steps clears out a surprising number of glitches.",
-             "reboot after each change so you can tell which one worked"),
-            ("check whether the device is under warranty before paying for a repair",
-             "If the device is still under warranty, the repair may cost nothing.",
-             "A repair under warranty often costs nothing, so check the dates first."),
-            ("note any error message word for word; it narrows the cause quickly",
-             "The exact wording of an error message usually points straight at the cause.",
-             "take a photo of any error message so you have the exact wording"),
-            ("search the manufacturer's support forum for the exact symptom",
-             "Manufacturer forums often have a thread from someone with the same problem.",
-             "Someone on the maker's support forum has often hit the same problem already."),
-            ("try a different user account on the same device to see if the problem follows you",
-             "If a fresh user account works fine, the problem lives in your profile, not the hardware.",
-             "A quick test with a second user account shows whether the fault is in your profile."),
-            ("unplug any accessories and test again, in case one of them is the culprit",
-             "A faulty dock, hub or dongle can cause strange problems, so test with nothing plugged in.",
-             "remove docks, hubs and dongles, then test the device on its own"),
-        ),
-        "triggers": (
-            ("The missing file is my thesis. It's due tomorrow and I'm {emotion}.",
-             "possibly losing your thesis the night before it is due"),
-            ("My boss will think I broke it on purpose, I'm {emotion}.",
-             "being afraid of how your boss will react"),
-            ("All the photos of my late mum were on {detail}. I'm {emotion}.",
-             "the chance of losing your mum's photos"),
-            ("I've been up all night with this, I'm {emotion} and close to tears.",
-             "a whole night lost to this"),
-        ),
-    },
-    "travel_planning": {
-        "topic": "the planning for {detail}",
-        "short": "trip",
-        "about": ("the trip", "the {detail} trip", "your plans", "the itinerary", "the bookings"),
-        "context": "in {detail}, ",
-        "details": ("Lisbon", "Kyoto", "the Scottish Highlands", "Mexico City", "Istanbul",
-                    "Vancouver", "Marrakesh", "Vienna", "Cape Town", "Hanoi"),
-        "situations": {
-            "itinerary": {
-                "asks": ("Help me plan {days} in {detail}.",
-                         "What should a first-timer do in {detail}?",
-                         "Can you draft an itinerary for {detail}? I have {days}.",
-                         "We have {days} in {detail}, what's unmissable?",
-                         "How would you spend {days} in {detail}?"),
-                "help": (
-                    ("spend the first day walking the old centre to get your bearings",
-                     "A slow first day on foot in the centre helps you find your bearings in {detail}."),
-                    ("book any headline museum a few days ahead to skip the queues",
-                     "The big museums sell out or queue for hours, so booking ahead pays off."),
-                    ("leave one half-day unplanned for whatever you discover",
-                     "With {days}, an unplanned half-day keeps room for the things you find by chance."),
-                    ("group sights by neighbourhood so you are not crossing the city twice a day",
-                     "Clustering sights by area saves hours of transit over {days}."),
-                ),
-                "slots": {"days": ("four days", "a long weekend", "five days", "a week", "three days",
-                                   "ten days")},
-            },
-            "budget": {
-                "asks": ("How can I do {detail} on a tight budget?",
-                         "Cheapest way to visit {detail}?",
-                         "I have little money, is {detail} doable?",
-                         "Can I do {detail} for about {budget} a day?",
-                         "Tips for saving money in {detail}?"),
-                "help": (
-                    ("travel in shoulder season, when prices drop and crowds thin",
-                     "Shoulder season is the sweet spot: lower prices and thinner crowds."),
-                    ("use public transport passes instead of taxis",
-                     "A transit pass costs a fraction of what taxis do over a few days."),
-                    ("eat your main meal at lunch, when set menus are cheaper",
-                     "Lunch menus are often half the price of dinner for the same food."),
-                    ("set a daily cap of {budget} and track it in a notes app",
-                     "A daily cap of around {budget} is realistic if you mix markets with the odd sit-down meal."),
-                ),
-                "slots": {"budget": ("40 euros", "50 dollars", "60 euros", "35 pounds", "70 dollars")},
-            },
-            "packing": {
-                "asks": ("What should I pack for {detail}?",
-                         "Packing list for {detail}, carry-on only?",
-                         "Going to {detail} in {month}, what to bring?",
-                         "What clothes do I need for {detail} in {month}?",
-                         "I always overpack. Help me pack light for {detail}."),
-                "help": (
-                    ("pack layers; evenings can be much colder than afternoons",
-                     "Layers beat bulky items, since evenings in {month} can be much colder than afternoons."),
-                    ("bring comfortable shoes you have already broken in",
-                     "Shoes you have already broken in save your feet on long sightseeing days."),
-                    ("add a small power bank and a universal adapter",
-                     "A power bank and a universal adapter save a lot of hassle on the road."),
-                    ("lay everything out, then put a third of it back",
-                     "Most people use about two thirds of what they pack, so edit the pile once."),
-                ),
-                "slots": {"month": ("March", "April", "May", "June", "September", "October",
-                                    "November", "December")},
-            },
-            "transport": {
-                "asks": ("How do I get from the airport to the centre of {detail}?",
-                         "Train or car for getting around {detail}?",
-                         "Is it easy to get around {detail} without driving?",
-                         "We land in {detail} late at night, how do we get to the hotel?",
-                         "What's the best way to get around {detail}?"),
-                "help": (
-                    ("take the airport train or express bus; they are usually cheapest and fastest",
-                     "Airport trains and express buses are usually the cheapest and fastest way into town."),
-                    ("download an offline map before you land",
-                     "An offline map means you are never stuck without signal on arrival."),
-                    ("buy a rechargeable transit card on the first day",
-                     "A rechargeable transit card makes every ride quicker and often cheaper."),
-                    ("book a licensed taxi in advance if you land after the last train",
-                     "Late arrivals are easier with a pre-booked licensed taxi waiting."),
-                ),
-                "slots": {},
-            },
-            "family": {
-                "asks": ("We're taking two small kids to {detail}, any tips?",
-                         "Is {detail} good for a family with toddlers?",
-                         "Plan a kid-friendly trip to {detail}.",
-                         "What can children enjoy in {detail}?",
-                         "Travelling to {detail} with a baby, what should I know?"),
-                "help": (
-                    ("keep mornings for sights and afternoons for parks and naps",
-                     "Children cope best with sights in the morning and parks or naps in the afternoon."),
-                    ("choose a flat with a kitchen so meals stay flexible",
-                     "A flat with a kitchen makes fussy eaters and early dinners much easier."),
-                    ("check which museums offer free entry for children",
-                     "Many museums in {detail} let children in free, which adds up quickly."),
-                    ("pack snacks and a small surprise toy for each travel day",
-                     "Snacks and a new small toy buy a lot of patience on travel days."),
-                ),
-                "slots": {},
-            },
-        },
-        "slots": {},
-        "followups": ("What about the evenings?", "How much should I budget per day?",
-                      "Is that walkable?", "Any areas to avoid?", "Can we squeeze in a day trip?",
-                      "When should I book?", "What's the weather like then?",
-                      "Is it safe at night?", "Do I need cash?", "What about food?",
-                      "Is that too much for one day?", "Where should we stay?"),
-        "extra_help": (
-            ("get travel insurance with cancellation cover for prepaid trips",
-             "Travel insurance with cancellation cover is worth it for prepaid trips.",
-             "For a trip you have paid for in advance, cancellation cover is money well spent."),
-            ("keep digital and paper copies of your passport",
-             "Copies of your passport, on paper and on your phone, make a lost one far less painful.",
-             "photograph your passport and keep a printed copy in a different bag"),
-            ("tell your bank your travel dates to avoid blocked cards",
-             "Banks sometimes block cards abroad unless they know your travel dates.",
-             "A quick note to your bank about your dates keeps your card working abroad."),
-            ("ask the local tourist office about free walking tours",
-             "Tourist offices in {detail} often list free walking tours.",
-             "look up free walking tours; they are a cheap way to learn a city's layout"),
-            ("check entry requirements a month ahead",
-             "Visa and entry rules change, so a check a month ahead avoids surprises.",
-             "Entry rules can change at short notice, so check them about a month before you go."),
-            ("save your bookings offline in one folder",
-             "Having every booking offline in one place helps when signal is poor.",
-             "download every confirmation into one folder on your phone"),
-            ("learn five words of the local language",
-             "A few words of the local language go a long way with the people you meet.",
-             "Hello, please, thank you, sorry and goodbye in the local language open a lot of doors."),
-            ("carry a refillable water bottle",
-             "A refillable bottle saves money and plastic on long walking days.",
-             "bring a bottle you can refill; it saves money on hot days"),
-        ),
-        "triggers": (
-            ("Actually the trip is to see my grandmother in {detail}; she's dying and I'm {emotion}.",
-             "travelling to say goodbye to your grandmother"),
-            ("My flight to {detail} just got cancelled and I'm stranded at the airport, {emotion}.",
-             "being stranded after the cancellation"),
-            ("This was meant to be our honeymoon in {detail} but we split up. I'm {emotion}.",
-             "the honeymoon that is now a trip alone"),
-            ("We're going to scatter my brother's ashes in {detail}. I'm {emotion}.",
-             "scattering your brother's ashes"),
-        ),
-    },
-    "career_advice": {
-        "topic": "the pressure around your {detail} career",
-        "short": "career",
-        "about": ("the job side", "your {detail} plans", "the career question", "your next move", "the application"),
-        "context": "in {detail}, ",
-        "details": ("marketing", "nursing", "software engineering", "teaching", "retail management",
-                    "accounting", "graphic design", "logistics", "academic research", "hospitality"),
-        "situations": {
-            "interview": {
-                "asks": ("I have an interview for a job in {detail} next week. How do I prepare?",
-                         "Tips for a {detail} interview?",
-                         "What questions come up in {detail} interviews?",
-                         "I have a {format} for a {detail} role on Monday.",
-                         "How do I stand out in a {detail} interview?"),
-                "help": (
-                    ("prepare three short stories that show results, using situation, action, result",
-                     "Three short stories with a clear situation, action and result cover most questions."),
-                    ("research the company's recent news and mention one point you liked",
-                     "Interviewers notice when you mention something specific from the company's recent news."),
-                    ("have two questions ready about the team and how success is measured",
-                     "Asking how success is measured in the role shows you are already thinking like a team member."),
-                    ("rehearse your answers out loud once, ideally for a {format}",
-                     "Saying answers out loud once makes them far smoother on the day, especially in a {format}."),
-                ),
-                "slots": {"format": ("video interview", "panel interview", "phone screen",
-                                     "second-round interview", "case interview")},
-            },
-            "switch": {
-                "asks": ("I want to move into {detail}, where do I start?",
-                         "Is it too late to switch careers to {detail}?",
-                         "How do I change careers into {detail}?",
-                         "I've been in {old} for years and want to try {detail}.",
-                         "Can I get into {detail} without a degree in it?"),
-                "help": (
-                    ("list the skills from {old} that transfer directly",
-                     "More of your experience in {old} transfers than it seems, so list it skill by skill."),
-                    ("talk to two or three people already working in {detail}",
-                     "A few short chats with people already in {detail} tell you more than any job ad."),
-                    ("do a short course or project that gives you something concrete to show",
-                     "A small finished project is the quickest proof that you can do the work."),
-                    ("apply for roles that sit between {old} and {detail} first",
-                     "Bridge roles that use both {old} and {detail} make the switch much smoother."),
-                ),
-                "slots": {"old": ("sales", "customer service", "admin", "the army", "banking",
-                                  "journalism", "construction", "retail")},
-            },
-            "salary": {
-                "asks": ("How do I ask for a raise in {detail}?",
-                         "I got an offer in {detail}, should I negotiate?",
-                         "What's a fair salary to ask for in {detail}?",
-                         "They offered me {offer} for a {detail} job. Is that low?",
-                         "My pay in {detail} hasn't changed in three years."),
-                "help": (
-                    ("look up salary ranges for your role and region before the talk",
-                     "Published salary ranges for your role and region give you a firm anchor."),
-                    ("anchor on the value you delivered this year, with numbers",
-                     "Numbers about what you delivered this year carry more weight than years of service."),
-                    ("ask for time to consider any offer; it is normal and expected",
-                     "Asking for a day or two to consider an offer is normal and expected."),
-                    ("name a specific figure slightly above {offer} rather than a range",
-                     "A specific figure a little above {offer} usually lands better than a vague range."),
-                ),
-                "slots": {"offer": ("32,000", "45,000", "the lowest figure in their range",
-                                    "less than my current pay", "38,000")},
-            },
-            "cv": {
-                "asks": ("Can you look at how I should structure my CV for {detail}?",
-                         "My CV for {detail} jobs gets no replies.",
-                         "What should a {detail} CV highlight?",
-                         "I have a gap of {gap} on my CV. How do I handle it for {detail} jobs?",
-                         "How long should a CV for {detail} be?"),
-                "help": (
-                    ("lead with a two-line summary tailored to the job ad",
-                     "A two-line summary tailored to each ad makes a recruiter read on."),
-                    ("turn duties into achievements with numbers where you can",
-                     "Achievements with numbers stand out far more than a list of duties."),
-                    ("keep it to two pages and mirror key words from the ad",
-                     "Two pages is plenty, and matching key words from the ad helps with screening software."),
-                    ("explain the gap of {gap} in one honest line and move on",
-                     "A gap of {gap} is common; one plain line explaining it is enough."),
-                ),
-                "slots": {"gap": ("a year", "six months", "two years", "eight months")},
-            },
-            "promotion": {
-                "asks": ("How can I get promoted in {detail}?",
-                         "I've been passed over for promotion in {detail}.",
-                         "What does my manager in {detail} want to see before promoting me?",
-                         "I want to become a {role} in {detail}. How?",
-                         "Everyone around me in {detail} gets promoted except me."),
-                "help": (
-                    ("ask your manager what the next level looks like in concrete terms",
-                     "A clear, written description of the next level turns a vague hope into a plan."),
-                    ("take on one visible project that stretches you",
-                     "One visible project that stretches you says more than many quiet ones."),
-                    ("keep a brag document of wins to bring to reviews",
-                     "A running list of wins makes review conversations much easier."),
-                    ("find a {role} you respect and ask how they got there",
-                     "Most people who became a {role} are happy to share how they did it."),
-                ),
-                "slots": {"role": ("team lead", "senior", "manager", "head of department", "principal")},
-            },
-        },
-        "slots": {},
-        "followups": ("How long should that take?", "What if they say no?",
-                      "Should I mention that in the interview?", "Is LinkedIn worth it?",
-                      "How do I find those people?", "What would you do first?",
-                      "Can you give an example?", "Is it rude to ask that?",
-                      "What if I have no numbers to show?", "Should I tell my boss?",
-                      "How often should I follow up?", "Is it worth paying for a course?"),
-        "extra_help": (
-            ("set small weekly goals instead of one huge push",
-             "Small weekly goals beat one huge push.",
-             "A few small goals each week keep momentum better than a single big effort."),
-            ("ask for feedback after every rejection; some people answer",
-             "Some recruiters do give feedback after a rejection if you ask politely.",
-             "send a short, polite request for feedback after each rejection"),
-            ("find a mentor outside your company for a freer view",
-             "A mentor outside your company can give you a freer view.",
-             "Someone outside your company can give advice without office politics in the way."),
-            ("lean on your network; it matters more than job boards for many roles",
-             "For many roles, your network matters more than job boards.",
-             "tell people you know what you are looking for; many roles are filled that way"),
-            ("block one hour a week for career work and protect it",
-             "One protected hour a week for career work adds up over a few months.",
-             "A protected hour in the calendar each week keeps career plans from slipping."),
-            ("keep your online profile in step with your CV",
-             "Recruiters check online profiles, so keep yours consistent with your CV.",
-             "update your online profile whenever you update your CV"),
-            ("write down what you want from your next role before you apply",
-             "Knowing what you want from the next role makes it easier to spot the right ads.",
-             "A short list of what you want from the next job makes it easier to say no to the wrong ones."),
-            ("reach out to former colleagues; they often know about openings first",
-             "Former colleagues often hear about openings before they are advertised.",
-             "send a friendly message to two former colleagues and ask what they are seeing"),
-        ),
-        "triggers": (
-            ("I just got laid off from my {detail} job this morning. I'm {emotion}.",
-             "being laid off"),
-            ("I'm so burnt out in {detail} that I cry before work. I'm {emotion}.",
-             "burnout that bad"),
-            ("I failed the interview again, fifth time. I'm {emotion}.",
-             "another rejection after so much effort"),
-            ("My manager humiliated me in front of the team today and I'm {emotion}.",
-             "being humiliated in front of your team"),
-        ),
-    },
-    "health_concern": {
-        "topic": "the worry about {detail}",
-        "short": "health",
-        "about": ("{detail}", "the symptoms", "the appointment", "your health", "the treatment"),
-        "context": "with {detail}, ",
-        "details": ("my knee", "my sleep", "my blood pressure", "my back", "migraines",
-                    "my digestion", "a rash", "my energy levels", "my mother's dizziness",
-                    "my son's asthma"),
-        "situations": {
-            "symptoms": {
-                "asks": ("I've had trouble with {detail} for {duration}. What could it be?",
-                         "Something's off with {detail}, should I worry?",
-                         "What might explain problems with {detail}?",
-                         "{detail} has been bothering me for {duration}.",
-                         "Is it normal to have issues with {detail} for {duration}?"),
-                "help": (
-                    ("keep a short diary of when it happens and what makes it better or worse",
-                     "A short diary of when it happens and what changes it helps a doctor a lot."),
-                    ("book a GP appointment, since it has lasted {duration}",
-                     "After {duration}, a GP appointment is a sensible step."),
-                    ("Seek urgent care if it comes with chest pain, fainting or sudden weakness.",
-                     "Chest pain, fainting or sudden weakness alongside it mean urgent care, not waiting."),
-                    ("note anything that changed around the time it started, like new food, medicine or stress",
-                     "Changes around the time it began, such as new medicines or stress, are useful clues."),
-                ),
-                "slots": {"duration": ("two weeks", "a month", "ten days", "three weeks", "a few months")},
-            },
-            "medication": {
-                "asks": ("Can I take {drug} for {detail} with my other medicine?",
-                         "Questions about medication for {detail}.",
-                         "Is it safe to combine painkillers for {detail}?",
-                         "My doctor prescribed {drug} for {detail}. Any tips?",
-                         "I forgot a dose of {drug}. What now?"),
-                "help": (
-                    ("ask a pharmacist to check interactions with your other medicines; it takes minutes",
-                     "A pharmacist can check {drug} against your other medicines in a few minutes."),
-                    ("stick to the dose on the label and note the times you take it",
-                     "Sticking to the label's dose and noting the times avoids doubling up by mistake."),
-                    ("tell your doctor about supplements too, since some interact with medicines",
-                     "Supplements can interact with medicines like {drug}, so mention them too."),
-                    ("read the leaflet's section on missed doses before taking an extra one",
-                     "The leaflet explains what to do after a missed dose, and it differs by medicine."),
-                ),
-                "slots": {"drug": ("ibuprofen", "paracetamol", "an antihistamine", "a new inhaler",
-                                   "antibiotics", "a blood pressure tablet")},
-            },
-            "appointment": {
-                "asks": ("How do I prepare for a doctor's visit about {detail}?",
-                         "My appointment about {detail} is {when}, what should I ask?",
-                         "What should I bring to an appointment about {detail}?",
-                         "I always forget things at the doctor's. Seeing them {when} about {detail}.",
-                         "How do I make sure the doctor takes {detail} seriously?"),
-                "help": (
-                    ("write your three main questions down and ask them first",
-                     "Writing your three main questions down, and asking them first, makes a short visit count."),
-                    ("bring a list of medicines and the date the problem started",
-                     "A list of medicines and the start date answers the first questions the doctor will ask."),
-                    ("ask what the next step is if things do not improve",
-                     "It helps to leave knowing what to do if things do not improve."),
-                    ("describe how it affects your daily life, not only the symptom itself",
-                     "Doctors weigh how much something disrupts daily life, so give an example or two."),
-                ),
-                "slots": {"when": ("on Friday", "tomorrow", "next week", "on Monday", "this afternoon")},
-            },
-            "routine": {
-                "asks": ("What habits help with {detail}?",
-                         "Daily routine tips for {detail}?",
-                         "Can exercise help with {detail}?",
-                         "I want to look after {detail} better. Where do I start?",
-                         "Does diet make a difference for {detail}?"),
-                "help": (
-                    ("make small, consistent changes rather than big ones",
-                     "Small consistent changes tend to last longer than big ones."),
-                    ("keep regular sleep and meal times for a few weeks",
-                     "Regular sleep and meal times help many symptoms settle."),
-                    ("start with gentle movement most days and build up slowly",
-                     "Gentle movement most days is a good start; build up slowly."),
-                    ("change one habit at a time, so you can tell what helps",
-                     "Changing one habit at a time shows you what actually makes a difference."),
-                ),
-                "slots": {},
-            },
-        },
-        "slots": {},
-        "followups": ("How long until it should improve?", "Should I go to urgent care?",
-                      "What questions should I ask the doctor?", "Is that normal?",
-                      "What should I avoid?", "Can I still exercise?",
-                      "Is there anything I can do tonight?", "Should I get a second opinion?",
-                      "Can stress cause this?", "Do I need tests?", "What if it comes back?",
-                      "Is it okay to wait a few days?"),
-        "extra_help": (
-            ("This is general information; a clinician who examines you can say more.",
-             "I can only give general information here; a clinician who examines you can say more.",
-             "Please treat this as general information; only someone who examines you can give a diagnosis."),
-            ("If symptoms suddenly get worse, contact emergency services.",
-             "Any sudden worsening is a reason to contact emergency services.",
-             "Call emergency services straight away if things suddenly get worse."),
-            ("ask at a pharmacy; many offer free short consultations",
-             "Many pharmacies offer free short consultations.",
-             "A pharmacist can often give quick advice without an appointment."),
-            ("bring someone along to appointments if it helps you remember",
-             "Having someone with you at appointments helps you remember what was said.",
-             "take a friend or relative to the appointment to help you remember the details"),
-            ("note changes with dates, since patterns help diagnosis",
-             "Dated notes of changes help a doctor see patterns.",
-             "Dates next to each change make patterns much easier to spot."),
-            ("check whether your GP practice offers phone or video appointments",
-             "Many practices now offer phone or video appointments, which can be quicker.",
-             "ask your practice about phone or video appointments if getting there is hard"),
-            ("keep a current list of your medicines on your phone",
-             "A current list of your medicines on your phone is useful in any appointment.",
-             "A note on your phone listing your current medicines saves time in any appointment."),
-            ("ask for your test results in writing so you can read them again later",
-             "Written results are easier to take in than a quick summary on the phone.",
-             "request a written copy of any results so you can go over them calmly"),
-        ),
-        "triggers": (
-            ("They found a lump and I'm waiting for the biopsy. I'm {emotion}.",
-             "waiting for biopsy results"),
-            ("My dad was rushed to hospital an hour ago and I'm {emotion}.",
-             "your dad being rushed to hospital"),
-            ("The doctor said it might be serious and I'm {emotion}, I can't stop shaking.",
-             "hearing it might be serious"),
-            ("I've been ill for months and nobody believes me. I'm {emotion}.",
-             "months of illness without being believed"),
-        ),
-    },
-    "relationship_advice": {
-        "topic": "the strain with {detail}",
-        "short": "relationship",
-        "about": ("the situation with {detail}", "the relationship", "the next conversation", "how things stand with {detail}", "the plan"),
-        "context": "with {detail}, ",
-        "details": ("my partner", "my sister", "my best friend", "my husband", "my girlfriend",
-                    "my dad", "my roommate", "my teenage son", "my wife", "my boyfriend"),
-        "situations": {
-            "conflict": {
-                "asks": ("{detail} and I keep fighting about {issue}.",
-                         "Every conversation with {detail} turns into an argument.",
-                         "How do I stop arguing with {detail}?",
-                         "We had another blow-up about {issue}, {detail} and me.",
-                         "{detail} and I can't agree on {issue}."),
-                "help": (
-                    ("pick a calm moment, not the middle of a fight, to raise {issue}",
-                     "Raising {issue} at a calm moment works far better than in the middle of a fight."),
-                    ("use 'I' statements about what you need rather than what they do wrong",
-                     "Saying what you need, instead of listing what they do wrong, keeps it from turning into a trial."),
-                    ("agree on one small change to try for a week",
-                     "One small agreed change, tried for a week, is easier than solving {issue} all at once."),
-                    ("listen to their side of {issue} and repeat it back before giving yours",
-                     "Repeating their view back before giving yours lowers the temperature quickly."),
-                ),
-                "slots": {"issue": ("chores", "money", "screen time", "visiting family",
-                                    "plans for the holidays", "noise at night", "being late")},
-            },
-            "distance": {
-                "asks": ("I feel like {detail} and I are drifting apart.",
-                         "{detail} seems distant lately.",
-                         "We barely talk anymore, {detail} and me.",
-                         "{detail} used to tell me everything, now nothing.",
-                         "How do I reconnect with {detail}?"),
-                "help": (
-                    ("set aside regular time together with phones away",
-                     "Regular time together with the phones put away rebuilds closeness."),
-                    ("ask open questions about their week and listen without fixing",
-                     "Open questions about their week, and listening without fixing, invite them back in."),
-                    ("share something small about your own day first",
-                     "Sharing something small about your own day often makes it easier for them to share too."),
-                    ("suggest {activity} together, since side by side is easier than face to face",
-                     "Doing something side by side, like {activity}, often makes talking easier."),
-                ),
-                "slots": {"activity": ("a walk", "cooking dinner", "a Sunday breakfast out",
-                                       "a drive", "a board game", "a class")},
-            },
-            "boundaries": {
-                "asks": ("{detail} keeps overstepping and I don't know how to say no.",
-                         "How do I set boundaries with {detail}?",
-                         "{detail} takes advantage of me.",
-                         "{detail} keeps {overstep}. How do I stop it?",
-                         "I can't say no to {detail}."),
-                "help": (
-                    ("decide beforehand what you will and will not accept",
-                     "Knowing beforehand what you will and will not accept makes the talk far easier."),
-                    ("state the boundary briefly and kindly, without long justifications",
-                     "A boundary works best said briefly and kindly, without a long justification."),
-                    ("expect pushback at first and repeat it calmly",
-                     "Pushback at first is normal; calmly repeating the boundary is usually enough."),
-                    ("name the specific behaviour, like {overstep}, instead of their character",
-                     "Talking about the behaviour, such as {overstep}, rather than who they are keeps it fair."),
-                ),
-                "slots": {"overstep": ("borrowing money", "dropping by unannounced", "reading my messages",
-                                       "making plans without asking", "calling at work all the time", "criticising my choices")},
-            },
-            "trust": {
-                "asks": ("I found messages on {detail}'s phone.",
-                         "I don't know if I can trust {detail} anymore.",
-                         "{detail} lied to me about {lie}.",
-                         "I caught {detail} lying about {lie} again.",
-                         "How do I rebuild trust with {detail}?"),
-                "help": (
-                    ("talk about what you found directly, when you are both calm",
-                     "Raising what you found directly, at a calm moment, is better than hinting."),
-                    ("ask what they are willing to do to rebuild trust",
-                     "It is fair to ask what they are willing to do to rebuild trust."),
-                    ("consider a couples or family counsellor who can hold the conversation safely",
-                     "A couples or family counsellor can hold a conversation like this safely."),
-                    ("give yourself time before deciding anything big about {detail}",
-                     "There is no need to decide anything big straight away."),
-                ),
-                "slots": {"lie": ("money", "where they were", "an ex", "their drinking", "a debt")},
-            },
-        },
-        "slots": {},
-        "followups": ("How do I start that conversation?", "What if they get defensive?",
-                      "Should I wait or talk now?", "Is it normal to feel this way?",
-                      "What would you say in my place?", "How long does it take?",
-                      "Could counselling help?", "What if it happens again?",
-                      "Should I tell anyone else?", "Am I being unfair?",
-                      "What if they won't talk?", "How do I stay calm?"),
-        "extra_help": (
-            ("see a counsellor, even if only one of you goes",
-             "A counsellor is useful even when only one of you goes.",
-             "Counselling helps even when only one person in the relationship goes."),
-            ("write down what you want to say before the talk",
-             "Writing down what you want to say beforehand keeps the talk on track.",
-             "jot down your main points before the conversation so you don't lose the thread"),
-            ("take a break when things heat up and agree a time to return",
-             "A break when things heat up, with an agreed time to return, stops fights escalating.",
-             "Pausing a heated talk, and agreeing when to pick it up again, keeps it from spiralling."),
-            ("notice what goes well too, and say so",
-             "Saying out loud what goes well balances the hard conversations.",
-             "point out the good moments as well as the hard ones"),
-            ("look after your own sleep and friendships meanwhile",
-             "Your own sleep and friendships matter a lot while this is going on.",
-             "Keeping up your own sleep and friendships gives you steadier ground for all this."),
-            ("keep the talk to one topic at a time",
-             "Sticking to one topic per talk keeps old grievances from piling in.",
-             "stick to one issue per conversation"),
-            ("text a trusted friend before and after a hard conversation",
-             "A friend you can text before and after a hard talk makes it less lonely.",
-             "Letting a trusted friend know before a hard talk means someone is there afterwards."),
-            ("avoid big conversations late at night when you are both tired",
-             "Late-night talks tend to go worse, simply because everyone is tired.",
-             "save big conversations for a time when you are both rested"),
-        ),
-        "triggers": (
-            ("{detail} said I'm worthless and I believe it. I'm {emotion}.",
-             "hearing that from someone you love"),
-            ("I found out {detail} has been cheating for a year. I'm {emotion}.",
-             "discovering the cheating"),
-            ("{detail} moved out tonight without warning. I'm {emotion}.",
-             "them leaving without warning"),
-        ),
-    },
-    "grief_support": {
-        "topic": "the loss of {detail}",
-        "short": "practical",
-        "about": ("the practical side", "the arrangements", "the days ahead", "the paperwork", "the plans"),
-        "context": "after losing {detail}, ",
-        "details": ("my mother", "my husband", "my grandfather", "my cat", "my best friend",
-                    "my baby", "my brother", "my dog", "my father", "my wife"),
-        "situations": {
-            "recent_loss": {
-                "asks": ("I lost {detail} last week and I don't know what to do.",
-                         "{detail} died a few days ago.",
-                         "How do I get through the first weeks after losing {detail}?",
-                         "It's been {since} since {detail} died and I can't function.",
-                         "What do people do right after losing {detail}?"),
-                "help": (
-                    ("put basic things first for now: eating, sleeping, letting people help",
-                     "In the first weeks, basic things come first: eating, sleeping, letting people help."),
-                    ("let friends take on specific tasks like meals or calls",
-                     "Friends often want to help but need a specific task, like meals or phone calls."),
-                    ("Remember there is no right way to grieve; the first weeks are often a blur.",
-                     "There is no right way to grieve, and the first weeks are often a blur."),
-                    ("keep one small daily anchor, like a morning walk or a call with a friend",
-                     "One small fixed point each day, like a walk, can hold the rest of the day together."),
-                ),
-                "slots": {"since": ("five days", "two weeks", "ten days", "three weeks")},
-            },
-            "funeral": {
-                "asks": ("I need to plan the funeral for {detail}.",
-                         "What do I say in a eulogy for {detail}?",
-                         "Help me organise a memorial for {detail}.",
-                         "The service for {detail} is {when}. I have to speak.",
-                         "Where do I start with a funeral for {detail}?"),
-                "help": (
-                    ("build the eulogy from three short stories that show who they were",
-                     "A eulogy can simply be three short stories that show who they were."),
-                    ("ask the funeral home to handle the paperwork; most will",
-                     "Most funeral homes handle much of the paperwork if you ask."),
-                    ("ask one friend to be your point person for guests",
-                     "One friend acting as point person for guests takes a lot off your shoulders."),
-                    ("print your speech in large type and let someone stand by to read it if needed",
-                     "Having a friend ready to read your words if you can't is a common, kind arrangement."),
-                ),
-                "slots": {"when": ("on Thursday", "next week", "in three days", "on Saturday")},
-            },
-            "anniversary": {
-                "asks": ("It's a year since {detail} died.",
-                         "The anniversary of losing {detail} is coming up.",
-                         "How do I mark a year without {detail}?",
-                         "{detail}'s birthday is next week and they're not here.",
-                         "The first holidays without {detail} are coming."),
-                "help": (
-                    ("plan the day loosely so it does not ambush you",
-                     "A loose plan for the day keeps it from ambushing you."),
-                    ("choose between visiting a special place and keeping a quiet routine; both are fine",
-                     "Some people visit a special place, others keep a quiet routine; either is fine."),
-                    ("tell one person in advance that the date is hard",
-                     "Letting one person know in advance that the date is hard means you are not alone with it."),
-                    ("do one small thing they loved, like {ritual}",
-                     "Doing something they loved, like {ritual}, can make the day feel connected rather than empty."),
-                ),
-                "slots": {"ritual": ("cooking their favourite meal", "playing their music",
-                                     "a walk on their route", "looking through photos", "lighting a candle")},
-            },
-            "paperwork": {
-                "asks": ("What paperwork do I need after losing {detail}?",
-                         "There are so many forms since {detail} died.",
-                         "Who do I notify after the death of {detail}?",
-                         "I have to close {account} for {detail}. How?",
-                         "The bank wants documents about {detail}. Which ones?"),
-                "help": (
-                    ("order several copies of the death certificate, since many offices need one",
-                     "Several copies of the death certificate save time, because many offices ask for one."),
-                    ("make a list of banks, utilities and subscriptions to notify",
-                     "A single list of banks, utilities and subscriptions keeps the notifications manageable."),
-                    ("ask a probate office or solicitor to explain the estate steps",
-                     "A probate office or solicitor can explain the estate steps in plain terms."),
-                    ("call the bereavement team of each company; most have one for {account}",
-                     "Most companies have a bereavement team that handles things like {account} gently."),
-                ),
-                "slots": {"account": ("the bank account", "the phone contract", "the pension",
-                                      "the streaming accounts", "the car insurance")},
-            },
-        },
-        "slots": {},
-        "followups": ("How long does it feel like this?", "What do I tell the kids?",
-                      "Is it normal I can't cry?", "What do I do with their things?",
-                      "How do I answer people who ask?", "Should I see someone?",
-                      "What comes next?", "Will it ever get easier?",
-                      "Is it wrong that I laughed today?", "How do I sleep?",
-                      "Should I go back to work?", "What do I say to their friends?"),
-        "extra_help": (
-            ("look for a grief group, in person or online, with people who understand",
-             "Grief groups, in person or online, connect you with people who understand.",
-             "Talking with others who have lost someone can make you feel less alone with it."),
-            ("There is no deadline for sorting belongings.",
-             "Their belongings can wait; there is no deadline.",
-             "leave the belongings until you feel ready; nothing needs to happen fast"),
-            ("see a bereavement counsellor if the days stay very heavy",
-             "A bereavement counsellor can help when days stay very heavy.",
-             "If the heaviness doesn't lift, a bereavement counsellor is there for exactly this."),
-            ("keep a notebook for the practical tasks so your head can rest",
-             "A notebook for the practical tasks lets your head rest a little.",
-             "put every practical task on one list so you don't have to hold it in your head"),
-            ("try small rituals, like lighting a candle, if they feel right",
-             "Small rituals, like lighting a candle, help some people.",
-             "A small ritual, like a candle or a favourite song, gives the feelings somewhere to go."),
-            ("say yes to one offer of help this week",
-             "Accepting even one offer of help this week lightens the load.",
-             "accept one offer of help this week, even a small one"),
-            ("keep sleep and meals as regular as you can manage",
-             "Regular sleep and meals matter more than usual right now.",
-             "Regular meals and a steady bedtime give the body some footing while grief takes its toll."),
-            ("write a letter to them if there are things left unsaid",
-             "Some people find it helps to write a letter to the person they lost.",
-             "put the things you didn't get to say into a letter to them"),
-        ),
-        "triggers": (
-            ("I found a voicemail from {detail} today and I'm {emotion}.",
-             "hearing that voicemail"),
-            ("Everyone expects me to be over it and I'm {emotion}.",
-             "feeling rushed through your grief"),
-            ("I keep thinking I should have done more for {detail}. I'm {emotion}.",
-             "the guilt that comes with it"),
-        ),
-    },
-    "emotional_support": {
-        "topic": "what has been going on {detail}",
-        "short": "coping",
-        "about": ("the days ahead", "the week ahead", "the situation {detail}", "your routine", "the plan"),
-        "context": "{detail}, ",
-        "details": ("at work", "at university", "since the move", "at home", "since the baby came",
-                    "since retiring", "in my new city", "this winter", "after the diagnosis",
-                    "with my family"),
-        "situations": {
-            "anxiety": {
-                "asks": ("I feel anxious all the time {detail}.",
-                         "My anxiety has been bad {detail}.",
-                         "I can't switch my worries off {detail}.",
-                         "I wake up at {hour} with my mind racing {detail}.",
-                         "Small things make me panic {detail}."),
-                "help": (
-                    ("breathe slowly, with the out-breath longer than the in-breath; it calms the body",
-                     "Slow breathing, with the out-breath longer than the in-breath, calms the body."),
-                    ("write worries down for ten minutes a day to contain them",
-                     "Ten minutes a day of writing worries down can keep them from spreading across the day."),
-                    ("talk to a GP or therapist about options like CBT",
-                     "A GP or therapist can talk through options like CBT."),
-                    ("keep a notebook by the bed for thoughts that show up at {hour}",
-                     "Writing down the thoughts that come at {hour} can make it easier to fall back asleep."),
-                ),
-                "slots": {"hour": ("3am", "4am", "2am", "5am")},
-            },
-            "loneliness": {
-                "asks": ("I feel so lonely {detail}.",
-                         "I have nobody to talk to {detail}.",
-                         "How do I stop feeling alone {detail}?",
-                         "Weekends are the worst, I don't see anyone {detail}.",
-                         "I miss having friends around {detail}."),
-                "help": (
-                    ("join a regular class or volunteering, since repeated contact builds friendship",
-                     "A regular class or volunteering brings repeated contact, which is how friendships grow."),
-                    ("reach out to one old friend this week as a small start",
-                     "Reaching out to one old friend this week is a small, real start."),
-                    ("look at the community centre's list of free groups, such as {group}",
-                     "Local community centres often list free groups, such as {group}."),
-                    ("plan one thing for the weekend that involves other people",
-                     "Having one weekend plan with other people in it breaks the long empty stretches."),
-                ),
-                "slots": {"group": ("a walking group", "a choir", "a book club", "a repair cafe",
-                                    "a running club", "a language exchange")},
-            },
-            "low_mood": {
-                "asks": ("Everything feels heavy {detail}.",
-                         "I've had no energy or joy {detail}.",
-                         "I feel flat and empty {detail}.",
-                         "I can't enjoy anything {detail}.",
-                         "Getting out of bed is hard {detail}."),
-                "help": (
-                    ("keep small routines, like a short walk at the same time daily",
-                     "Small routines, like a short walk at the same time each day, help mood."),
-                    ("plan one small pleasant thing each day, however minor",
-                     "One small pleasant thing planned each day, however minor, gives the day a shape."),
-                    ("see a doctor if the low mood lasts over two weeks",
-                     "If low mood lasts more than two weeks, a doctor can help."),
-                    ("break tasks into the smallest possible first step, like {step}",
-                     "The smallest first step, like {step}, is often enough to get moving."),
-                ),
-                "slots": {"step": ("opening the curtains", "putting on shoes", "filling a glass of water",
-                                   "sitting up for five minutes", "replying to one message")},
-            },
-            "stress": {
-                "asks": ("I'm completely overwhelmed {detail}.",
-                         "There's too much on my plate {detail}.",
-                         "I feel stretched thin {detail}.",
-                         "I have {load} and no time {detail}.",
-                         "I can't keep up with everything {detail}."),
-                "help": (
-                    ("list everything, then pick the three that matter most this week",
-                     "Listing everything and picking the three that matter most this week makes the pile smaller."),
-                    ("say no to one new request, or ask for more time",
-                     "Saying no to one new request, or asking for more time, is allowed."),
-                    ("protect your sleep; it makes every other problem lighter",
-                     "Protected sleep makes every other problem lighter."),
-                    ("ask someone to take one thing off your plate, like {load}",
-                     "Handing even part of {load} to someone else frees real headroom."),
-                ),
-                "slots": {"load": ("three deadlines", "exams", "a house move", "caring for my mum",
-                                   "a sick child", "two jobs")},
-            },
-        },
-        "slots": {},
-        "followups": ("I don't know if that will help.", "How do I even start?",
-                      "Is something wrong with me?", "What if it doesn't work?",
-                      "Can we talk about something else for a bit?", "What do other people do?",
-                      "How do I explain this to others?", "Is it normal to feel like this?",
-                      "What if I can't afford therapy?", "How long until it gets better?",
-                      "Should I tell my family?", "What can I do tonight?"),
-        "extra_help": (
-            ("If you ever think about harming yourself, contact a crisis line or emergency services.",
-             "Please contact a crisis line or emergency services if you ever think about harming yourself.",
-             "If thoughts of harming yourself ever come up, a crisis line or emergency services can help right away."),
-            ("Therapy is worth it even for feelings that seem too small.",
-             "Feelings don't have to be huge to be worth bringing to a therapist.",
-             "You don't need a crisis to deserve therapy; smaller struggles count too."),
-            ("be as kind to yourself as you would be to a friend",
-             "Talking to yourself the way you would talk to a friend makes a real difference.",
-             "Being as gentle with yourself as with a good friend is a skill worth practising."),
-            ("look after sleep, food and daylight; they affect mood more than people expect",
-             "Sleep, food and daylight affect mood more than people expect.",
-             "protect the basics of sleep, regular food and some daylight"),
-            ("track your mood for a week to see patterns",
-             "Tracking mood for a week can show patterns.",
-             "A week of quick mood notes can show what lifts you and what drags you down."),
-            ("spend ten minutes outside each day, even on grey days",
-             "Ten minutes outdoors a day helps, even when the weather is grey.",
-             "get ten minutes of daylight each day, whatever the weather"),
-            ("tell one person you trust how things really are",
-             "Telling one trusted person how things really are often takes some weight off.",
-             "Being honest with one trusted person about how you are really doing can lighten things."),
-            ("cut back on caffeine and alcohol for a while",
-             "Caffeine and alcohol can both make anxiety and low mood worse.",
-             "try a couple of weeks with less coffee and alcohol and see how you feel"),
-        ),
-        "triggers": (
-            ("My heart is racing and I can't breathe properly, I'm {emotion}.",
-             "a panic attack right now"),
-            ("Nobody would notice if I disappeared. I'm {emotion}.",
-             "feeling that invisible"),
-            ("I cried in the bathroom {detail} again today, I'm {emotion}.",
-             "crying alone like that"),
-        ),
-    },
-}
+from .taxonomy import LEVELS, MECHANISMS, TASKS, level_of
 
-# What the user says when the state changes (beyond the task's own triggers), by style.
-CALMER = {
-    "casual": ("ok I feel a bit better now. back to the {topic} stuff",
-               "thanks, that helped. where were we with {topic}?",
-               "alright, breathing again. {topic} time",
-               "ok sorry about that. can we carry on with {topic}?"),
-    "formal": ("Thank you, I feel steadier now. Could we return to the {topic} question?",
-               "I apologise for that. Shall we continue with {topic}?",
-               "That helped, thank you. Where were we regarding {topic}?",
-               "I am calmer now. Let us continue."),
-    "terse": ("Better now. Back to {topic}.", "Okay. Continue.", "Calmer. Go on.",
-              "Fine now. Where were we?"),
-    "chatty": ("Okay, phew, I feel a bit steadier now! Back to the {topic} question?",
-               "Sorry about that wobble. Can we continue with {topic}?",
-               "Thanks, honestly that helped more than I expected. So, {topic}!",
-               "Right, I'm calmer. Let's keep going before I lose my nerve."),
-}
-PRACTICAL = {
-    "casual": ("I'm fine honestly, just give me the practical steps",
-               "can we keep it practical? just need the facts rn",
-               "not in a feelings mood, just tell me what to do"),
-    "formal": ("I am fine, thank you. I would prefer just the practical steps.",
-               "Could we keep to the practicalities, please?",
-               "I would rather not discuss feelings; the steps will suffice."),
-    "terse": ("Just the steps.", "Facts only, please.", "Skip the rest. What do I do?"),
-    "chatty": ("Honestly I'm okay, I'd just love the practical checklist!",
-               "Let's stick to logistics for a bit, my head is better with lists.",
-               "I don't really want to get into feelings right now, just tell me what to do."),
-}
-RELAPSE = {
-    "casual": ("ugh actually it's hitting me again. I'm {emotion}",
-               "sorry, I thought I was ok but I'm not. so {emotion}",
-               "it's all coming back up, I'm {emotion}"),
-    "formal": ("I am sorry, it is overwhelming me again. I feel {emotion}.",
-               "I thought I had steadied, but I am {emotion} again.",
-               "Forgive me, I am struggling again. I feel {emotion}."),
-    "terse": ("It's back. {emotion}.", "Not okay again. {emotion}.", "Struggling again."),
-    "chatty": ("Oh no, sorry, it's hitting me all over again and I'm {emotion}.",
-               "I really thought I was okay but I'm not, I'm {emotion} again.",
-               "It's all coming back up, honestly. I'm so {emotion}."),
-}
-STILL = ("I'm still {emotion}.", "Still {emotion}, honestly.", "It's still hard, I'm {emotion}.",
-         "I'm {emotion} still, but okay.", "Still feeling {emotion}.")
+PHRASES_DIR = Path(__file__).parent / "data" / "phrases"
 
-# Empathy mechanisms, by strength. Each entry is a tuple of frames; a frame is a
-# sequence of piece options, and a sentence takes one option from each (an empty
-# option leaves the piece out). {name} is the user's name, {event} the event the
-# user disclosed (or the task topic), {emotion} a word for the feeling they named.
-# Details in replies are in the second person ("my sister" becomes "your sister").
-EMPATHY = {
-    "emotional_reaction": {
-        1: (
-            (("", "ah,", "oh,", "hmm,", "oof,", "ugh,", "oh dear,", "ouch,", "oh no,"),
-             ("that's a pain", "sorry about that", "that's annoying", "not fun", "what a hassle",
-              "bad luck", "that's a bit rough", "sorry to hear it", "that's no fun",
-              "that's a nuisance", "that's irritating", "not ideal", "sorry to hear that",
-              "sorry it's giving you trouble", "that's a shame", "what a nuisance"),
-             ("", "", ", {name}"),
-             (".", "!", ", but we'll get there.", "; let's see what we can do.",
-              "; let's get it sorted.")),
-        ),
-        2: (
-            (("I'm so sorry", "I'm really sorry", "I'm sorry", "I'm deeply sorry",
-              "I'm very sorry"),
-             ("", ", {name}"),
-             ("; {event} is really painful.", "; {event} is a lot for anyone to carry.",
-              ". {event} sounds incredibly hard.", "; that is a heavy thing to go through.",
-              ". Nobody should have to deal with {event}.", "; {event} would shake anyone.",
-              "; this is such a hard thing to face.", ", truly.", "that this is happening.",
-              "that you're facing {event}.")),
-            (("oh {name},", "oh,", "{name},"),
-             ("my heart goes out to you", "I'm so sorry", "that is heartbreaking",
-              "I wish you weren't going through this", "that sounds so painful",
-              "that is so sad to hear"),
-             (".", ", truly.", ", and I'm right here.", "; {event} is so much to hold.")),
-            (("I'm so sorry you're going through", "I'm sorry you're facing",
-              "it hurts to hear about", "I'm so sorry you're dealing with", "I feel for you with"),
-             ("{event}", "all of this", "this"),
-             ("", ", {name}"),
-             (".", "; it's a lot.", "; that's a heavy load.", "; you didn't deserve this.")),
-            (("that's heartbreaking", "that's awful", "that's so hard", "that sounds really painful",
-              "what a painful thing to go through"),
-             ("", ", {name}"),
-             (", and I'm sorry it's landed on you.", ", and I'm truly sorry.", "; I'm so sorry.",
-              ", and I feel for you, I really do.", ", and I'm so sorry you're going through it.")),
-            (("I'm really touched that you told me this", "thank you for trusting me with this",
-              "thank you for telling me", "I'm glad you said something", "thank you for sharing this",
-              "I'm glad you reached out"),
-             ("", ", {name}"),
-             (", and I'm so sorry.", ", and I'm so sorry you're carrying it.", "; it can't be easy to say.",
-              "; I'm so sorry about {event}.", "; {event} is so much to carry.",
-              ", and I'm sorry {event} has landed on you.")),
-        ),
-    },
-    "interpretation": {
-        1: (
-            (("", "", "okay,", "right,", "yes,", "ah,", "sure,"),
-             ("that makes sense", "I get it", "I see what you mean", "that's understandable",
-              "I follow", "that's a common snag", "fair enough", "that happens a lot",
-              "I hear you", "I can see why you'd ask", "I understand", "that's a fair question",
-              "I know the feeling", "that's a reasonable worry"),
-             ("", "", ", {name}"),
-             (".",)),
-            (("", "", "okay,", "right,", "yes,"),
-             ("I see what you mean about", "I get what you're saying about", "I hear you about",
-              "I follow you on", "that's a fair point about"),
-             ("{about}",),
-             ("", ", {name}"),
-             (".",)),
-        ),
-        2: (
-            (("it sounds like", "it seems like", "I get the sense that",
-              "from what you describe, it sounds like", "reading this, it seems"),
-             ("{event} has left you feeling {emotion}", "{event} has hit you harder than you expected",
-              "you've been carrying {event} mostly on your own",
-              "part of you is trying to stay practical while the rest of you feels {emotion}",
-              "{event} has knocked the ground out from under you",
-              "{event} has left you feeling {emotion} and unsure where to start"),
-             (".", ", and that's completely understandable.", ", which makes a lot of sense.",
-              ", and anyone in your place would feel the same.", ", {name}.")),
-            (("feeling {emotion} after {event}", "feeling {emotion} right now",
-              "feeling {emotion} with {event} on top of everything", "feeling this way"),
-             ("makes complete sense", "is a very human response", "is what anyone would feel in your place",
-              "doesn't mean you're overreacting", "shows how much this matters to you",
-              "is a natural reaction"),
-             ("", ", {name}"),
-             (".",)),
-            (("I can hear how much {event} is weighing on you", "I can tell {event} is sitting heavily with you",
-              "it's clear how much {event} has taken out of you", "I can hear how {emotion} you are"),
-             ("", ", {name}"),
-             (".", ", especially with everything else on your plate.",
-              ", and it makes sense that it's hard to think straight.",
-              ", and that tells me how much you care.")),
-            (("anyone facing {event} would feel {emotion}", "naturally you feel {emotion}",
-              "it's no wonder you feel {emotion}", "it figures that you feel {emotion}"),
-             ("", ", {name}"),
-             ("; you're not overreacting.", ": this touches something you care about deeply.",
-              "; it would be strange if you didn't.", ", and there's nothing wrong with that.",
-              ", given everything {event} stirs up.")),
-            (("you've clearly been trying to hold it together", "you sound like you've been holding a lot on your own",
-              "it seems you've been coping with a lot quietly", "you've been carrying a great deal"),
-             ("", ", {name}"),
-             (", and {event} tipped it over.", ", so it's no surprise {event} feels like too much.",
-              "; {event} landing on top of that is a lot.", ", and {event} has left you feeling {emotion}.")),
-        ),
-    },
-    "exploration": {
-        1: (
-            (("", "", "so,", "{name},"),
-             ("does that help", "does that sound doable", "would that work for you", "is that useful",
-              "does that fit what you need", "is that the kind of thing you had in mind",
-              "does that answer it", "does that sound like a plan"),
-             ("", "so far", "as a start", "for now", "for {about}", "with {about}"),
-             ("", ", {name}"),
-             ("?",)),
-            (("", "", "so,", "{name},", "quick question:"),
-             ("anything else I should know about {about}", "what have you already tried with {about}",
-              "is there anything about {about} I've missed", "what's the main thing you want from {about}",
-              "which part of {about} should we tackle first", "what worries you most about {about}",
-              "how far along are you with {about}"),
-             ("", ", {name}"),
-             ("?",)),
-            (("want", "shall I give you", "would it help to have", "should I add"),
-             ("more options", "a couple more ideas", "a few alternatives", "more detail",
-              "a step-by-step version", "a shorter version"),
-             ("", "for {about}", "on {about}"),
-             ("", ", {name}"),
-             ("?",)),
-            (("shall we", "should we", "want to"),
-             ("look at the next part of {about}", "move on to the next step for {about}",
-              "go through {about} together", "check the details of {about}"),
-             ("", ", {name}"),
-             ("?",)),
-        ),
-        2: (
-            (("", "", "{name},"),
-             ("how are you bearing up", "how are you doing", "how are you managing", "how are you feeling"),
-             ("", "with all of this", "with {event}", "in the middle of this", "right now", "today",
-              "since {event}"),
-             ("", ", {name}"),
-             ("?",)),
-            (("", "", "can I ask,", "if you don't mind me asking,", "{name},"),
-             ("what has been the hardest part of {event} for you", "what feels heaviest about {event} right now",
-              "what part of this weighs on you most", "when you think about {event}, what comes up for you",
-              "what goes through your mind when you think about {event}",
-              "what has {event} been like for you", "what has surprised you most about how you feel"),
-             ("", ", {name}"),
-             ("?",)),
-            (("would it help to talk a little about", "could you tell me more about",
-              "are you up for saying more about", "can you tell me a bit about"),
-             ("what you're feeling", "what this has been like", "how this has been for you",
-              "what {event} has meant for you", "what's going on inside"),
-             ("", "right now", "before we go on", "today"),
-             ("", ", {name}"),
-             ("?",)),
-            (("", "", "{name},", "can I ask,"),
-             ("is there someone close who can be with you",
-              "who in your life knows what you're going through",
-              "do you have someone you can lean on", "is anyone around to support you"),
-             ("", "right now", "this week", "tonight"),
-             ("", ", {name}"),
-             ("?",)),
-            (("what do you need most", "what would feel like support to you",
-              "what would make things a little easier", "what would help you feel less alone",
-              "how have you been sleeping and eating"),
-             ("", "right now", "tonight", "this week", "today", "since {event}"),
-             ("", ", {name}"),
-             ("?",)),
-        ),
-    },
-}
-# Mechanism profiles that the generator draws from, by level: (ER, IP, EX) strengths.
-PROFILES = {
-    "low": ((0, 0, 0), (0, 0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)),
-    "medium": ((1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 2)),
-    "high": ((2, 2, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 0), (2, 0, 2), (2, 1, 1)),
-}
+Options = tuple[str, ...]
+# An item of helpful content: its paraphrases. One that starts in lower case is a step
+# (a clause completed by a lead such as "you could"), any other a full sentence.
+Item = tuple[str, ...]
+# A frame of an empathy sentence: pieces, each a tuple of options (one is taken).
+Frame = tuple[Options, ...]
 
-# How the helpful part of a reply is worded. A reply with no empathy in front may
-# open neutrally; steps (lower-case items) take a lead that completes them, full
-# sentences only leads that fit any sentence; a second item in the same reply
-# follows a connective, and two steps may share one sentence.
-NEUTRAL_OPENERS = ("", "", "", "", "sure, ", "okay, ", "right, ", "alright, ", "okay, so ",
-                   "good question: ", "happy to help: ", "let's see: ", "sure thing: ",
-                   "{name}, ", "here's a thought: ", "sure, {name}, ", "okay {name}, ")
-BRIDGES = ("on the practical side, ", "as for the practical part, ", "practically speaking, ",
-           "when it comes to the practical bit, ", "in the meantime, ", "for the next step, ",
-           "one thing that may help: ", "in practical terms, ")
-STEP_LEADS = ("", "", "", "you could ", "I'd suggest you ", "one option is to ", "it often helps to ",
-              "if you can, ", "a good next step is to ", "my advice: ", "try this: ", "I'd ",
-              "the simplest move is to ")
-SENTENCE_LEADS = ("", "", "", "worth knowing: ", "one more thing: ", "a quick note: ",
-                  "honestly, ", "a tip: ", "good to know: ", "for what it's worth, ", "{name}, ")
-# Leads for an item the reply already gave earlier in the dialogue (fit steps and sentences).
-RECAPS = ("as I mentioned, ", "as I mentioned, {name}, ", "to come back to an earlier point, ",
-          "it's worth repeating: ", "like I said before, ", "like I said earlier, {name}, ",
-          "once more, because it matters: ", "going back to what I said, ", "again, ",
-          "the earlier advice still holds: ", "I'd still stand by this: ", "I'll say it again: ",
-          "{name}, as I said before, ", "it bears repeating: ")
-STEP_CONNECTIVES = ("then ", "after that, ", "also, ", "next, ", "on top of that, ", "and ",
-                    "separately, ", "besides that, ")
-SENTENCE_CONNECTIVES = ("also, ", "on top of that, ", "besides that, ", "one more thing: ",
-                        "and ", "worth adding: ")
-RUN_ONS = ("; ", " - ")
-STEP_JOINS = (", then ", ", and also ", "; after that, ", ", and then ")
+# Placeholders a template may use, by who speaks (slots of the task and situation come on top).
+USER_FIELDS = frozenset({"name", "detail", "emotion", "topic"})
+REPLY_FIELDS = USER_FIELDS | {"event", "about"}
+NAMING_FIELDS = frozenset({"detail"})  # a task's topic, its about names and a trigger's event
+
+
+class PhraseDataError(ValueError):
+    """Phrase data that does not follow the schema; the message names the file, the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What makes the user of a task more upset within the dialogue.
+
+    Attributes:
+        says: the user's message that discloses it (``{emotion}`` is filled).
+        event: the event as the assistant names it (``{event}`` in replies).
+    """
+
+    says: str
+    event: str
+
+
+@dataclass(frozen=True)
+class Situation:
+    """One situation of a task; a scenario is (task, situation, detail).
+
+    Attributes:
+        asks: the user's first requests.
+        help: items of helpful content, said first.
+        slots: values of this situation's own placeholders.
+    """
+
+    asks: Options
+    help: tuple[Item, ...]
+    slots: dict[str, Options]
+
+
+@dataclass(frozen=True)
+class TaskPhrases:
+    """The phrases of one task (``tasks/<task>.yaml``).
+
+    Attributes:
+        topic: the subject as the assistant names it when the user disclosed no event.
+        short: the subject as the user names it when returning to the task.
+        about: short names of the subject in the assistant's questions.
+        context: a lead that places a situation's advice in the scenario's detail.
+        details: the second scenario axis (who / what / where), filled into ``{detail}``.
+        situations: situation name -> its phrases.
+        slots: values of placeholders that any situation of the task may use.
+        followups: what a calm user says to keep the task going.
+        extra_help: items of helpful content for any situation of the task.
+        triggers: what can make the user more upset.
+    """
+
+    topic: str
+    short: str
+    about: Options
+    context: str
+    details: Options
+    situations: dict[str, Situation]
+    slots: dict[str, Options]
+    followups: Options
+    extra_help: tuple[Item, ...]
+    triggers: tuple[Trigger, ...]
+
+
+@dataclass(frozen=True)
+class UserPhrases:
+    """What simulated users say across tasks (``user.yaml``).
+
+    Attributes:
+        names: persona names.
+        occupations: persona occupations.
+        styles: writing styles; the per-style mappings below have one entry for each.
+        greetings: how a first message opens, by style.
+        fillers: what a message may end with, by style.
+        emotions: the feelings a user names, by mood (``upset``, ``distressed``).
+        still: said before a follow-up while the user stays upset or distressed.
+        calmer: said when the user's state falls back, by style.
+        practical: said when the user asks for practicalities only, by style.
+        relapse: said when the state rises again after the trigger was told, by style.
+    """
+
+    names: Options
+    occupations: Options
+    styles: Options
+    greetings: dict[str, Options]
+    fillers: dict[str, Options]
+    emotions: dict[str, Options]
+    still: Options
+    calmer: dict[str, Options]
+    practical: dict[str, Options]
+    relapse: dict[str, Options]
+
+
+@dataclass(frozen=True)
+class AssistantPhrases:
+    """How the assistant's replies are composed (``assistant.yaml``).
+
+    Attributes:
+        profiles: mechanism strengths (in :data:`.taxonomy.MECHANISMS` order) drawn for a reply, by level.
+        empathy: mechanism -> strength (1 or 2) -> frames of its sentences.
+        emotion_echoes: words that reflect a feeling back, by the user's own word.
+        neutral_openers: how a reply with no empathy in front may open.
+        bridges: leads from the empathy to the helpful part.
+        step_leads: leads that complete a step.
+        sentence_leads: leads that fit in front of any sentence.
+        recaps: leads of an item said earlier in the dialogue.
+        step_connectives: introduce a second step in the same reply.
+        sentence_connectives: introduce a second sentence in the same reply.
+        run_ons: join a short reaction straight onto the advice.
+        step_joins: join two steps in one sentence.
+    """
+
+    profiles: dict[str, tuple[tuple[int, int, int], ...]]
+    empathy: dict[str, dict[int, tuple[Frame, ...]]]
+    emotion_echoes: dict[str, Options]
+    neutral_openers: Options
+    bridges: Options
+    step_leads: Options
+    sentence_leads: Options
+    recaps: Options
+    step_connectives: Options
+    sentence_connectives: Options
+    run_ons: Options
+    step_joins: Options
+
+
+@dataclass(frozen=True)
+class Phrases:
+    """The whole phrase inventory.
+
+    Attributes:
+        user: from ``user.yaml``.
+        assistant: from ``assistant.yaml``.
+        tasks: task name -> from ``tasks/<task>.yaml``, in the order of :data:`.taxonomy.TASKS`.
+    """
+
+    user: UserPhrases
+    assistant: AssistantPhrases
+    tasks: dict[str, TaskPhrases]
+
+
+@functools.cache
+def load_phrases(folder: str | Path = PHRASES_DIR) -> Phrases:
+    """Read and check the phrase data (cached per folder).
+
+    Args:
+        folder: holds ``user.yaml``, ``assistant.yaml`` and ``tasks/<task>.yaml`` for every
+            task of :data:`.taxonomy.TASKS`; default: the data shipped with the package.
+
+    Raises:
+        PhraseDataError: a file is missing or does not follow the schema; the message
+            names the file, the key and the problem.
+    """
+    folder = Path(folder)
+    task_files = {path.stem for path in (folder / "tasks").glob("*.yaml")}
+    if task_files != set(TASKS):
+        raise PhraseDataError(
+            f"{folder / 'tasks'}: expected one file per task, <task>.yaml for {', '.join(TASKS)}; "
+            f"missing: {sorted(set(TASKS) - task_files)}, unknown: {sorted(task_files - set(TASKS))}"
+        )
+    user = _read(folder, "user.yaml", UserPhrases)
+    assistant = _read(folder, "assistant.yaml", AssistantPhrases)
+    tasks = {name: _read(folder, f"tasks/{name}.yaml", TaskPhrases) for name in TASKS}
+    _check_user(folder / "user.yaml", user)
+    _check_assistant(folder / "assistant.yaml", assistant, user)
+    for name, task in tasks.items():
+        _check_task(folder / "tasks" / f"{name}.yaml", task)
+    return Phrases(user=user, assistant=assistant, tasks=tasks)
+
+
+# ---------------------------------------------------------------- reading into the schema
+
+
+def _read(folder: Path, name: str, schema: type):
+    path = folder / name
+    if not path.is_file():
+        raise PhraseDataError(f"{path}: missing; the phrase data needs user.yaml, assistant.yaml and tasks/")
+    try:
+        # the C loader when PyYAML has it: the same result, about 20 times faster
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as error:
+        raise PhraseDataError(f"{path}: not valid YAML: {error}") from None
+    return _convert(data, schema, path, "")
+
+
+def _fail(file: Path, key: str, problem: str) -> typing.NoReturn:
+    raise PhraseDataError(f"{file}: {key or '(top level)'}: {problem}")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _convert(value, hint, file: Path, key: str):
+    """``value`` read from YAML, checked against a type of the schema and converted to it.
+
+    Args:
+        value: what the YAML file holds at ``key``.
+        hint: ``str``, ``int``, ``tuple[X, ...]`` (non-empty), ``tuple[X, Y, ...]`` (fixed
+            length), ``dict[K, V]`` or a dataclass (a mapping with exactly its fields).
+        file: the file read, for errors.
+        key: the dotted key path, for errors.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        fields = typing.get_type_hints(hint)
+        value = _convert(value, dict[str, object], file, key)
+        problem = _key_mismatch(value, fields)
+        if problem:
+            _fail(file, key, f"{problem}; the keys are: {', '.join(fields)}")
+        return hint(**{f: _convert(value[f], fields[f], file, _join(key, f)) for f in fields})
+    if hint is object:
+        return value
+    if hint in (str, int):
+        if type(value) is not hint:
+            _fail(file, key, f"expected {'a string' if hint is str else 'an integer'}, got {_describe(value)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(file, key, f"expected a mapping, got {_describe(value)}")
+        return {_convert(k, args[0], file, _join(key, str(k))): _convert(v, args[1], file, _join(key, str(k)))
+                for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            _fail(file, key, f"expected a non-empty list, got {_describe(value)}")
+        if args[-1] is Ellipsis:
+            return tuple(_convert(v, args[0], file, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            _fail(file, key, f"expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, file, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"the phrase schema has a type the reader does not handle: {hint}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _key_mismatch(mapping: dict, expected) -> str:
+    """What is wrong with the keys of ``mapping`` (empty when they are ``expected``)."""
+    missing, unknown = [k for k in expected if k not in mapping], [k for k in mapping if k not in expected]
+    problems = [f"missing key(s) {missing}"] if missing else []
+    return "; ".join(problems + ([f"unknown key(s) {unknown}"] if unknown else []))
+
+
+# ---------------------------------------------------------------- checks across keys
+
+
+def _same_keys(file: Path, key: str, mapping: dict, expected, what: str) -> None:
+    problem = _key_mismatch(mapping, expected)
+    if problem:
+        _fail(file, key, f"expected one entry for each {what} ({', '.join(map(str, expected))}): {problem}")
+
+
+def _placeholders(file: Path, key: str, templates, allowed) -> None:
+    """Check that ``templates`` (strings, nested in tuples) use only the placeholders ``allowed``."""
+    if isinstance(templates, str):
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(templates) if name is not None}
+        except ValueError as error:
+            _fail(file, key, f"{error} in {templates!r}; write a literal brace as {{{{ or }}}}")
+        unknown = sorted(used - set(allowed))
+        if unknown:
+            _fail(file, key, f"unknown placeholder(s) {unknown} in {templates!r}; "
+                             f"this text may use: {', '.join(sorted(allowed)) or 'none'}")
+        return
+    for i, template in enumerate(templates):
+        _placeholders(file, f"{key}[{i}]", template, allowed)
+
+
+def _check_user(file: Path, user: UserPhrases) -> None:
+    for key in ("greetings", "fillers", "calmer", "practical", "relapse"):
+        _same_keys(file, key, getattr(user, key), user.styles, "style of `styles`")
+        for style, options in getattr(user, key).items():
+            _placeholders(file, f"{key}.{style}", options, USER_FIELDS)
+    _same_keys(file, "emotions", user.emotions, ("upset", "distressed"), "mood")
+    _placeholders(file, "still", user.still, USER_FIELDS)
+    for key in ("names", "occupations", "styles"):
+        _placeholders(file, key, getattr(user, key), ())
+
+
+def _check_assistant(file: Path, assistant: AssistantPhrases, user: UserPhrases) -> None:
+    _same_keys(file, "profiles", assistant.profiles, LEVELS, "level")
+    for level, profiles in assistant.profiles.items():
+        for i, profile in enumerate(profiles):
+            strengths = dict(zip(MECHANISMS, profile))
+            if not set(profile) <= {0, 1, 2} or level_of(strengths) != level:
+                _fail(file, f"profiles.{level}[{i}]", f"{list(profile)} is not a {level} profile: strengths "
+                      "are 0-2 and their total is 0-1 for low, 2-3 for medium, 4-6 for high")
+    _same_keys(file, "empathy", assistant.empathy, MECHANISMS, "mechanism")
+    for mechanism, by_strength in assistant.empathy.items():
+        _same_keys(file, f"empathy.{mechanism}", by_strength, (1, 2), "strength")
+        for strength, frames in by_strength.items():
+            _placeholders(file, f"empathy.{mechanism}.{strength}", frames, REPLY_FIELDS)
+    emotions = [word for words in user.emotions.values() for word in words]
+    missing = [word for word in emotions if word not in assistant.emotion_echoes]
+    if missing:
+        _fail(file, "emotion_echoes",
+              f"no echoes for the emotion(s) {missing} of user.yaml; add an entry for each")
+    for key, hint in typing.get_type_hints(AssistantPhrases).items():
+        if hint == Options:  # the openers, leads and connectives
+            _placeholders(file, key, getattr(assistant, key), REPLY_FIELDS)
+
+
+def _check_task(file: Path, task: TaskPhrases) -> None:
+    shared = set(task.slots)
+    for key in ("topic", "about"):
+        _placeholders(file, key, getattr(task, key), NAMING_FIELDS | shared)
+    _placeholders(file, "context", task.context, REPLY_FIELDS | shared)
+    _placeholders(file, "details", task.details, ())
+    _placeholders(file, "followups", task.followups, USER_FIELDS | shared)
+    _placeholders(file, "extra_help", task.extra_help, REPLY_FIELDS | shared)
+    _placeholders(file, "slots", tuple(task.slots.values()), ())
+    for i, trigger in enumerate(task.triggers):
+        _placeholders(file, f"triggers[{i}].says", trigger.says, USER_FIELDS | shared)
+        _placeholders(file, f"triggers[{i}].event", trigger.event, NAMING_FIELDS)
+    for name, situation in task.situations.items():
+        own = shared | set(situation.slots)
+        _placeholders(file, f"situations.{name}.asks", situation.asks, USER_FIELDS | own)
+        _placeholders(file, f"situations.{name}.help", situation.help, REPLY_FIELDS | own)
+        _placeholders(file, f"situations.{name}.slots", tuple(situation.slots.values()), ())

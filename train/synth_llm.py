@@ -1,5 +1,5 @@
 """LLM backend of the dialogue generator: a local Hugging Face chat model realises
-the same plans as the template backend (:func:`.synth.plans`).
+the same plans as the template backend (:func:`.synth_plan.plans`).
 
 The model plays both sides: the user from a user-simulator prompt (persona,
 situation, the user's state at this turn, the event to disclose when the state
@@ -17,8 +17,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import phrases
-from .synth import SPLITS, DialoguePlan, SynthConfig, assistant_turn, plans, record, user_turn
+from .chat_model import load_chat_model
+from .phrases import load_phrases
+from .synth_corpus import assistant_turn, record, user_turn
+from .synth_plan import SPLITS, DialoguePlan, SynthConfig, plans
 from .taxonomy import MECHANISMS, TASKS
 
 
@@ -114,8 +116,6 @@ class _ChatModel:
     """Batched sampling from a chat model with left padding."""
 
     def __init__(self, llm: LLMSynthConfig, model=None):
-        from ..eval.judge import load_chat_model
-
         self.llm = llm
         self.model, self.tokenizer = load_chat_model(model if model is not None else llm.model)
 
@@ -170,7 +170,8 @@ def _generate_batch(chat: _ChatModel, batch: list[DialoguePlan]) -> list[dict]:
         for p in active:
             rises = turn > 0 and p.states[turn] in ("upset", "distressed") and p.states[turn] != p.states[turn - 1]
             if rises and not disclosed[p.dialogue_id]:
-                disclose[p.dialogue_id] = phrases.TASKS[p.task]["triggers"][p.trigger][1].format(detail=p.detail)
+                event = load_phrases().tasks[p.task].triggers[p.trigger].event
+                disclose[p.dialogue_id] = event.format(detail=p.detail)
                 disclosed[p.dialogue_id] = True
         window = chat.llm.context_messages
         users = chat([user_prompt(p, turn, histories[p.dialogue_id][-window:], disclose.get(p.dialogue_id))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
-from train_support import corpus_dir, tiny_config  # noqa: F401  (fixture)
+from train_support import tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -146,8 +146,8 @@ def test_a_full_disk_during_a_save_damages_nothing_and_says_so(corpus_dir, tmp_p
 
 
 def test_an_llm_synth_run_cut_by_a_full_disk_resumes_without_loss_or_duplicates(tmp_path, tokenizer, write_faults):
-    from moe_empathy.train.synth import SynthConfig, plans
     from moe_empathy.train.synth_llm import LLMSynthConfig, generate_llm, read_progress
+    from moe_empathy.train.synth_plan import SynthConfig, plans
     from tests.moe_empathy.conftest import tiny_base
 
     config, llm = SynthConfig(dialogues=8, min_turns=1, max_turns=2, seed=5), LLMSynthConfig(batch_size=3, max_new_tokens=3)

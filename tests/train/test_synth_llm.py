@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moe_empathy.train.synth import SynthConfig, plans
+from moe_empathy.train.synth_plan import SynthConfig, plans
 from moe_empathy.train.synth_llm import LLMSynthConfig, assistant_prompt, generate_llm, read_progress, user_prompt
 
 CONFIG = SynthConfig(dialogues=7, min_turns=1, max_turns=3, seed=3, shift_rate=0.6)

@@ -1,6 +1,6 @@
 import pytest
 
-from moe_empathy.train import phrases
+from moe_empathy.train.phrases import load_phrases
 from moe_empathy.train.taxonomy import LEVELS, MECHANISMS, STATE_OFFSET, TASKS, get_task, level_of, target_level
 
 
@@ -11,7 +11,7 @@ def test_eight_tasks_with_expected_levels():
         "relationship_advice": "high", "grief_support": "high", "emotional_support": "high",
     }
     assert {name: task.level for name, task in TASKS.items()} == expected
-    assert set(phrases.TASKS) == set(TASKS)
+    assert set(load_phrases().tasks) == set(TASKS)
 
 
 def test_unknown_task_error_names_it_and_the_choices():
@@ -20,7 +20,7 @@ def test_unknown_task_error_names_it_and_the_choices():
 
 
 def test_every_profile_matches_its_level():
-    for level, profiles in phrases.PROFILES.items():
+    for level, profiles in load_phrases().assistant.profiles.items():
         for profile in profiles:
             assert level_of(dict(zip(MECHANISMS, profile))) == level
 
