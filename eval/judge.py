@@ -14,6 +14,7 @@ import math
 import urllib.request
 from dataclasses import dataclass
 
+from moe_empathy.train.chat_model import load_chat_model
 from moe_empathy.train.taxonomy import MECHANISMS
 
 from .scoring import EmpathyScore, Scorer
@@ -144,27 +145,3 @@ class JudgeScorer(Scorer):
             return {t["token"].strip(): math.exp(t["logprob"]) for t in content[0]["top_logprobs"]}
         text = (choice.get("message") or {}).get("content", "").strip()
         return {text[:1]: 1.0}
-
-
-def load_chat_model(model):
-    """Resolve the judge's model argument to ``(model, tokenizer)``.
-
-    Args:
-        model: a folder, a ``(model, tokenizer)`` pair, or None for
-            ``moe_empathy.load_default_base()``.
-    """
-    if model is None:
-        from moe_empathy import load_default_base
-
-        model, tokenizer = load_default_base()
-    elif isinstance(model, (tuple, list)):
-        model, tokenizer = model
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        model = AutoModelForCausalLM.from_pretrained(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer

@@ -17,7 +17,9 @@ from moe_empathy.train.phrases import load_phrases
 
 EVAL_DIR = Path(eval_pkg.__file__).parent
 SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py"]
-VOCABULARY = "moe_empathy.train.taxonomy"  # the shared names of levels and mechanisms, no phrasing
+# what the scorers may take from train, neither holding any phrasing: the shared names of levels
+# and mechanisms, and the chat-model loader (the judge's)
+FROM_TRAIN = ("moe_empathy.train.taxonomy", "moe_empathy.train.chat_model")
 
 CONTEXT = "My sister died last week and I have to sort out her flat. Where do I even start?"
 FLAT = "Start with the lease: tell the landlord in writing and ask about the notice period."
@@ -146,7 +148,7 @@ def test_scorers_do_not_read_the_generator_inventory():
     for module in SCORER_MODULES:
         path = EVAL_DIR / module
         for imported in _imports(path):
-            assert imported == VOCABULARY or not any(word in imported for word in ("train", "phrases", "synth")), (
+            assert imported in FROM_TRAIN or not any(word in imported for word in ("train", "phrases", "synth")), (
                 f"{module} imports {imported}")
         source = path.read_text().lower()
         shared = [frag for frag in inventory if frag in source]
