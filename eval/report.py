@@ -16,8 +16,9 @@ from moe_empathy.train.taxonomy import LEVEL_TARGET, LEVELS
 from moe_empathy.utils import check_output_dir as check_output
 from moe_empathy.utils import replace_output_dir
 
-from .metrics import BUCKETS, EvalTable, gate_choices
+from .metrics import BUCKETS, EvalTable
 from .rollout import DialogueRollout
+from .stats import gate_choices
 
 OUTPUT_KIND = "eval run"  # recorded in the output folder's marker (see moe_empathy.utils.replace_output_dir)
 PLOTS = {

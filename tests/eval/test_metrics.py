@@ -10,21 +10,17 @@ import pytest
 
 from moe_empathy.eval.metrics import (
     EvalTable,
-    bootstrap,
     build_table,
     compute_metrics,
     copy_flags,
     distinct_n,
-    drift_onset,
-    gate_entropy,
     gate_metrics,
-    per_dialogue_slope,
     score_rollouts,
-    shift_events,
     split_sentences,
 )
 from moe_empathy.eval.rollout import DialogueRollout
 from moe_empathy.eval.scoring import EmpathyScore
+from moe_empathy.eval.stats import gate_entropy
 from moe_empathy.train.taxonomy import LEVEL_BAND, LEVEL_TARGET
 
 NAMES = ["low", "medium", "high"]
@@ -79,15 +75,6 @@ def test_over_empathy_counts_only_low_task_turns_above_their_target():
     assert overall["over_empathy_rate_low_tasks"]["value"] == pytest.approx(0.5)  # only 5/3 > 1.0 tolerance
 
 
-def test_slope_std_and_drift_onset():
-    scores = np.array([[1.0, 2.0, 3.0, np.nan], [4.0, 4.0, 4.0, 4.0]])
-    assert per_dialogue_slope(scores) == pytest.approx([1.0, 0.0])
-    targets = np.array([[1.0, 1.0, 1.0, np.nan], [4.0, 4.0, 4.0, 4.0]])
-    # Dialogue 0 leaves the +-1 band at turn 3 (|3 - 1| = 2); dialogue 1 never: its length + 1.
-    assert drift_onset(scores, targets, 1.0).tolist() == [3.0, 5.0]
-    assert per_dialogue_slope(np.array([[2.0, np.nan]])).tolist() == [pytest.approx(np.nan, nan_ok=True)]
-
-
 def test_buckets_are_inclusive_as_named():
     levels = [["low"] * 31]
     scores = [[LEVEL_TARGET["low"]] * 29 + [3.0, 5.0]]
@@ -97,13 +84,6 @@ def test_buckets_are_inclusive_as_named():
     assert buckets["1-5"]["gap"]["value"] == pytest.approx(0.0)
     assert buckets["16-30"]["gap"]["value"] == pytest.approx((3 - 4 / 3) / 15)
     assert buckets["30+"]["gap"]["value"] == pytest.approx(((3 - 4 / 3) + (5 - 4 / 3)) / 2)
-
-
-def test_shift_events_follow_latency_and_misses():
-    labels = np.array([[0, 0, 2, 2, 2, 1, -1]])
-    choices = np.array([[0, 0, 0, 2, 2, 0, -1]])
-    shifts, followed, latency = shift_events(choices, labels)
-    assert (shifts[0], followed[0], latency[0]) == (2, 1, 1)  # 0->2 reached one turn late; 2->1 never
 
 
 def test_gate_metrics_accuracy_switches_entropy_confusion():
@@ -119,16 +99,6 @@ def test_gate_metrics_accuracy_switches_entropy_confusion():
     assert gate["shift_follow_rate"]["value"] == pytest.approx(1.0) and gate["shift_latency"]["value"] == pytest.approx(0.0)
     assert gate["confusion"]["rows_expected_columns_chosen"] == [[1, 1, 0], [0, 3, 0], [0, 0, 1]]
     assert gate_entropy(np.full((1, 1, 3), 1 / 3))[0, 0] == pytest.approx(1.0)
-
-
-def test_bootstrap_interval_brackets_the_value_and_collapses_on_constants():
-    values = np.arange(20, dtype=float)
-    result = bootstrap(lambda idx: values[idx].mean(1), np.arange(20), samples=300)
-    assert result["value"] == pytest.approx(9.5)
-    assert result["ci_low"] < 9.5 < result["ci_high"] and result["n"] == 20
-    constant = bootstrap(lambda idx: np.ones(idx.shape[0]), np.arange(5), samples=50)
-    assert constant["value"] == constant["ci_low"] == constant["ci_high"] == 1.0
-    assert bootstrap(lambda idx: idx.mean(1), np.array([], dtype=int))["value"] is None
 
 
 def test_empty_replies_score_one_without_reaching_the_scorer():
