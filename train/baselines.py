@@ -28,9 +28,8 @@ from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TINY_BASE, TrainConfig
+from .synth_plan import SPLITS
 from .trainer import EncodedDialogues, copy_model_files, run_training, training_arguments, write_summary
-
-SPLITS = ("train", "validation", "test")
 
 
 # --------------------------------------------------------------------- models
