@@ -1,8 +1,8 @@
 """Multi-LoRA kernels: one entry point, :func:`multi_lora`, for the experts' delta.
 
-The Triton kernels (``shrink``, ``expand``, ``backward``, ``autograd``) are imported only
-when the Triton backend is first used, so that ``TRITON_INTERPRET`` can still be set
-before they are defined.
+The Triton kernels (``shrink``, ``expand``, ``backward``) and their custom ops (``ops``,
+namespace ``torch.ops.moe_empathy``) are imported only when the Triton backend is first
+used, so that ``TRITON_INTERPRET`` can still be set before they are defined.
 """
 
 from .dispatch import check_inputs, multi_lora

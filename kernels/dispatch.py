@@ -121,7 +121,7 @@ def multi_lora(
     if validate:
         check_inputs(x, lora_A, lora_B, gate, scaling, expert_ids, out)
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        from .autograd import multi_lora_triton  # imported late: Triton's mode is fixed when kernels are defined
+        from .ops import multi_lora_triton  # imported late: Triton's mode is fixed when kernels are defined
 
         return multi_lora_triton(x, lora_A, lora_B, gate, float(scaling), expert_ids, out)
     delta = multi_lora_reference(x, lora_A, lora_B, gate, scaling, expert_ids=expert_ids)

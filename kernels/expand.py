@@ -1,8 +1,8 @@
 """Expand kernel: ``Y[t] (+)= sum_s S[t, s] W_e(s)^T`` over the slots of a token block.
 
 Forward: ``S`` is the gated shrink output and ``W_e = B_e [out, r]``; the result is added
-into the base layer's output in fp32 and stored once, so no ``[T, out]`` delta is ever
-materialised. Backward: ``S`` is ``dU`` and ``W_e = A_e^T [in, r]``, giving ``dx``.
+to the base layer's output in fp32 and stored once (in place, or into a new tensor), so no
+``[T, out]`` delta is ever materialised. Backward: ``S`` is ``dU`` and ``W_e = A_e^T [in, r]``, giving ``dx``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ def _expand_kernel(
     perm_ptr,  # [T] int32, top-k only
     block_start_ptr,  # [blocks] int32, top-k only
     block_end_ptr,  # [blocks] int32, top-k only
+    base_ptr,  # [T, N] added in when ACCUMULATE (may be y_ptr itself)
     y_ptr,  # [T, N]
     num_tokens,
     N,
     rank,
     num_slots,
+    stride_bm,
     stride_ym,
     stride_we,
     stride_wn,
@@ -71,7 +73,8 @@ def _expand_kernel(
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]  # [BM, BN]
     y_mask = row_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        base_ptrs = base_ptr + rows[:, None] * stride_bm + offs_n[None, :]  # [BM, BN]
+        acc += tl.load(base_ptrs, mask=y_mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -81,8 +84,8 @@ def _launch(
     weight_strides: tuple[int, int, int],
     rank: int,
     routing: Routing,
+    base: torch.Tensor | None,
     y: torch.Tensor,
-    accumulate: bool,
 ) -> None:
     def grid(meta):
         return (routing.num_blocks, triton.cdiv(y.shape[1], meta["BLOCK_N"]))
@@ -94,18 +97,20 @@ def _launch(
         routing.perm if routing.segmented else inter,
         routing.block_start if routing.segmented else inter,
         routing.block_end if routing.segmented else inter,
+        base if base is not None else y,
         y,
         routing.num_tokens,
         y.shape[1],
         rank,
         routing.num_slots,
+        base.stride(0) if base is not None else 0,
         y.stride(0),
         *weight_strides,
         token_bucket(routing.num_tokens),
         BLOCK_M=routing.block_m,
         BLOCK_R=block_r(rank),
         SEGMENTED=routing.segmented,
-        ACCUMULATE=accumulate,
+        ACCUMULATE=base is not None,
         PRECISION=dot_precision(weight.dtype),
     )
 
@@ -114,24 +119,26 @@ def expand(
     gated: torch.Tensor,
     lora_B: torch.Tensor,
     routing: Routing,
-    out: torch.Tensor | None,
+    base: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward expand, added into ``out`` when given.
+    """Forward expand: ``out = base + S B^T`` (or ``S B^T`` without ``base``).
 
     Args:
         gated: ``S [T, slots * r]`` fp32 from :func:`~.shrink.shrink`.
         lora_B: ``[E, out, r]`` contiguous.
         routing: the call's token blocks.
-        out: ``[T, out]`` with unit column stride, or None.
+        base: ``[T, out]`` with unit column stride, or None.
+        out: ``[T, out]`` with unit column stride to write (``base`` itself to add in place),
+            or None for a new tensor in ``lora_B``'s dtype.
 
     Returns:
-        ``out`` with the delta added, or a new ``[T, out]`` tensor in ``lora_B``'s dtype.
+        ``out``.
     """
-    accumulate = out is not None
     if out is None:
         out = lora_B.new_empty(routing.num_tokens, lora_B.shape[1])
     strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))
-    _launch(gated, lora_B, strides, lora_B.shape[2], routing, out, accumulate)
+    _launch(gated, lora_B, strides, lora_B.shape[2], routing, base, out)
     return out
 
 
@@ -148,5 +155,5 @@ def expand_grad_input(grad_unscaled: torch.Tensor, lora_A: torch.Tensor, routing
     """
     grad_x = lora_A.new_empty(routing.num_tokens, lora_A.shape[2])
     strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
-    _launch(grad_unscaled, lora_A, strides, lora_A.shape[1], routing, grad_x, accumulate=False)
+    _launch(grad_unscaled, lora_A, strides, lora_A.shape[1], routing, None, grad_x)
     return grad_x

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import configs
+
 
 @dataclass
 class Routing:
@@ -44,12 +46,7 @@ class Routing:
     block_end: torch.Tensor | None = None
 
 
-def dense_routing(num_tokens: int, num_experts: int, block_m: int) -> Routing:
-    """Row blocks of a dense mix: every token uses every expert."""
-    return Routing(num_tokens, num_experts, block_m, -(-num_tokens // block_m), segmented=False)
-
-
-def sparse_routing(expert_ids: torch.Tensor, block_m: int) -> Routing:
+def segment_blocks(expert_ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segments of tokens sharing their top-k expert ids, cut into blocks.
 
     Args:
@@ -57,13 +54,14 @@ def sparse_routing(expert_ids: torch.Tensor, block_m: int) -> Routing:
         block_m: tokens a block holds at most.
 
     Returns:
-        The routing; building it reads the segment count back to the host once.
+        ``perm [T]``, ``block_start [blocks]`` and ``block_end [blocks]``, all int32 (see
+        :class:`Routing`); the block count is read back to the host once.
     """
-    num_tokens, k = expert_ids.shape
+    num_tokens = expert_ids.shape[0]
     device = expert_ids.device
     ids = expert_ids.to(torch.int64)
     perm = torch.arange(num_tokens, device=device)
-    for slot in reversed(range(k)):  # lexicographic order by successive stable sorts
+    for slot in reversed(range(ids.shape[1])):  # lexicographic order by successive stable sorts
         perm = perm[torch.argsort(ids[perm, slot], stable=True)]
     ordered = ids[perm]  # [T, k]
     new_segment = torch.ones(num_tokens, dtype=torch.bool, device=device)
@@ -79,14 +77,20 @@ def sparse_routing(expert_ids: torch.Tensor, block_m: int) -> Routing:
     local = torch.arange(num_blocks, device=device) - first_block[seg_of_block]
     block_start = seg_start[seg_of_block] + local * block_m
     block_end = torch.minimum(block_start + block_m, seg_end[seg_of_block])
-    return Routing(
-        num_tokens,
-        k,
-        block_m,
-        num_blocks,
-        segmented=True,
-        expert_ids=expert_ids.to(torch.int32).contiguous(),
-        perm=perm.to(torch.int32),
-        block_start=block_start.to(torch.int32),
-        block_end=block_end.to(torch.int32),
-    )
+    return perm.to(torch.int32), block_start.to(torch.int32), block_end.to(torch.int32)
+
+
+def make_routing(num_tokens: int, num_slots: int, tensors: list[torch.Tensor]) -> Routing:
+    """The routing of one call from the tensors the custom ops pass around.
+
+    Args:
+        num_tokens: ``T``.
+        num_slots: ``E`` (dense) or ``k`` (top-k).
+        tensors: ``[]`` for dense, or ``[expert_ids, perm, block_start, block_end]`` (int32) for
+            top-k, as returned by ``torch.ops.moe_empathy.token_blocks``.
+    """
+    bm = configs.block_m(num_tokens)
+    if not tensors:
+        return Routing(num_tokens, num_slots, bm, -(-num_tokens // bm), segmented=False)
+    expert_ids, perm, block_start, block_end = tensors
+    return Routing(num_tokens, num_slots, bm, block_start.numel(), True, expert_ids, perm, block_start, block_end)
