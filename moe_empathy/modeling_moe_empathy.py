@@ -640,9 +640,15 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------- saving and loading
 
-    def expert_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable part only: every expert's ``lora_A``/``lora_B`` and the gate."""
-        return {k: v for k, v in self.state_dict().items() if ".lora_A" in k or ".lora_B" in k or k.startswith("gate.")}
+    def expert_state_dict(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trainable part only: every expert's ``lora_A``/``lora_B`` and the gate.
+
+        Args:
+            state_dict: a full state dict of this model to take them from (one gathered from
+                FSDP shards); None takes them from the model itself.
+        """
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {k: v for k, v in state_dict.items() if ".lora_A" in k or ".lora_B" in k or k.startswith("gate.")}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, compact: bool = False, **kwargs) -> None:
         """Saves with safetensors; ``compact=True`` saves only experts and gate plus a reference
@@ -653,7 +659,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
 
         Args:
             save_directory: the folder to write.
-            compact: save only the experts and the gate.
+            compact: save only the experts and the gate (from ``kwargs["state_dict"]`` when given,
+                as ``PreTrainedModel.save_pretrained`` does).
             *args, **kwargs: passed to ``PreTrainedModel.save_pretrained`` for full saves.
         """
         target = Path(save_directory)
@@ -671,7 +678,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GenerationMixin):
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
                 metadata = {"format": COMPACT_FORMAT, "expert_names": json.dumps(self.expert_names)}
-                tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict().items()}
+                tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict(kwargs.get("state_dict")).items()}
                 save_file(tensors, staging / COMPACT_WEIGHTS, metadata=metadata)
             else:
                 super().save_pretrained(staging, *args, **kwargs)

@@ -118,6 +118,11 @@ class MoeEmpathyTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled and self._is_gated() and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            raise ValueError(
+                "a gated model's checkpoints are written from the full state dict that FSDP gathers, got fsdp_state_dict_type "
+                f"{self.accelerator.state.fsdp_plugin.state_dict_type}; set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config"
+            )
         self.train_lengths = train_lengths
         self.bucket_size = bucket_size
         self.sort_by_length = sort_by_length
@@ -264,13 +269,19 @@ class MoeEmpathyTrainer(Trainer):
     # ----------------------------------------------------------------- checkpoints
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Gated models are saved compact (experts + gate + the base's reference)."""
+        """Gated models are saved compact (experts + gate + the base's reference).
+
+        Args:
+            output_dir: the folder to write (default: the run's output folder).
+            state_dict: the full state the Trainer gathered from the shards under FSDP (the
+                model's own parameters are then only this process's shards); None otherwise.
+        """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not isinstance(model, MoeEmpathyForCausalLM):
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            model.save_pretrained(output_dir, compact=True)
+            model.save_pretrained(output_dir, compact=True, state_dict=state_dict)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

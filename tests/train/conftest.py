@@ -1,4 +1,5 @@
-"""Fixtures of the training tests: fault injection into the steps that write files."""
+"""Fixtures of the training tests: a small corpus, a one-process reference run, fault injection
+into the steps that write files."""
 
 from __future__ import annotations
 
@@ -6,10 +7,34 @@ import builtins
 import errno
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from moe_empathy.train.synth import SynthConfig, generate, write_corpus
+from train_support import SUBPROCESS_ENV, write_distributed_config
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """240 template dialogues of 2-3 turns, written like `moe-empathy synth`."""
+    folder = tmp_path_factory.mktemp("corpus") / "synth"
+    write_corpus(generate(SynthConfig(dialogues=240, min_turns=2, max_turns=3, seed=0)), folder, {"backend": "template"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def one_process_run(corpus_dir, tmp_path_factory) -> Path:
+    """The run folder of the tiny config trained in one process on global batches of 8 dialogues
+    (:func:`train_support.write_distributed_config`): the reference of the multi-process runs."""
+    folder = tmp_path_factory.mktemp("one-process")
+    config = write_distributed_config(corpus_dir, folder / "one.yaml", per_device_batch=8)
+    command = [sys.executable, "-m", "moe_empathy.train.trainer", "--config", str(config), "--output", str(folder / "run")]
+    subprocess.run(command, check=True, env=SUBPROCESS_ENV)
+    return folder / "run"
 
 
 class InjectedKill(BaseException):

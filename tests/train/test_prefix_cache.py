@@ -16,7 +16,7 @@ from moe_empathy.train.config import ConfigError
 from moe_empathy.train.prefix_cache import PrefixCache, compute_prefix, forward_from_prefix, use_prefix_cache
 from moe_empathy.train.synth import SynthConfig, generate
 from moe_empathy.turns import find_turn_markers
-from train_support import corpus_dir, tiny_config  # noqa: F401  (fixture)
+from train_support import tiny_config
 
 NAMES = ["low", "medium", "high"]
 GATE_LAYER = 2

@@ -7,7 +7,7 @@ import yaml
 
 from moe_empathy.train.config import ConfigError, TrainConfig, changed_keys, config_from_dict, load_config
 from moe_empathy.train.trainer import train
-from train_support import CONFIGS, corpus_dir, tiny_config  # noqa: F401  (fixture)
+from train_support import CONFIGS, tiny_config
 
 
 def _values(tmp_path, **changes) -> dict:

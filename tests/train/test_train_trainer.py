@@ -15,7 +15,7 @@ from moe_empathy import register
 register()  # AutoModelForCausalLM loads our checkpoints
 from moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
-from train_support import corpus_dir, tiny_config  # noqa: F401  (fixture)
+from train_support import tiny_config
 
 pytestmark = pytest.mark.integration
 
