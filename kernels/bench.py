@@ -439,7 +439,7 @@ def run_from_args(args: argparse.Namespace) -> list[Row]:
         grid["passes"]
     ) - set(FULL_GRID["passes"])
     if unknown:
-        raise SystemExit(f"unknown choices: {sorted(unknown)}")
+        raise ValueError(f"unknown choices {sorted(unknown)}; --methods takes {','.join(METHODS)}, --modes dense,top1,top2, --passes fwd,fwd+bwd")
     methods = tuple(args.methods)
     if not args.device.startswith("cuda") and "triton" in methods:
         console.print("[yellow]The Triton kernels need CUDA: timing the torch paths only.[/]")

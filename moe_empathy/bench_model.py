@@ -6,7 +6,7 @@ our gated model with three experts on the same modules of every layer
 (``gate_layer=0``) and with the default ``gate_layer``. Generation is greedy with a
 fixed number of new tokens from chat prompts; a training step is forward + backward.
 
-Run: ``moe-empathy bench model`` or ``python -m moe_empathy.bench_model``.
+Run: ``moe-empathy bench model``.
 """
 
 from __future__ import annotations
@@ -241,14 +241,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("model", help="generation and training speed against peft LoRA and X-LoRA")
     add_arguments(parser)
     return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

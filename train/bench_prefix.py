@@ -139,61 +139,62 @@ def run_bench(
     """
     config = load_config(config_path, check_paths=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scratch = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    args = training_arguments(config, str(scratch), 1)
-    tokenizer = load_tokenizer(config)
-    batch_size = config.training.per_device_train_batch_size
-    cases = [(layer, lengths[0]) for layer in gate_layers if layer != goal_layer]
-    cases += [(goal_layer, length) for length in lengths]
-    per_case = warmup + steps
-    data = {
-        length: dialogues_of_length(tokenizer, list(config.model.expert_names), length, batch_size * per_case, seed=length)
-        for length in lengths
-    }
-    collate = DialogueCollator(tokenizer.pad_token_id)
-    console = Console()
-    results, dtype_effect = [], None
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console,
-    )
-    with progress:
-        task = progress.add_task("bench prefix", total=len(cases) * per_case)
-        for layer, length in cases:
-            progress.update(task, description=f"gate layer {layer}, {length} tokens")
-            model_config = dataclasses.replace(config, model=dataclasses.replace(config.model, gate_layer=layer))
-            model = gated_model(model_config, load_base_model(model_config, tokenizer, scratch, args), tokenizer).to(device).train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            rows = data[length]
-            cache = PrefixCache(model, rows, "float32", scratch / f"cache-{layer}-{length}")
-            seconds, tokens = dict.fromkeys(PATHS, 0.0), 0
-            for index in range(per_case):
-                chosen = list(range(index * batch_size, (index + 1) * batch_size))
-                batch = collate([{**rows[i], "dialogue_index": i} for i in chosen])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                timed = {
-                    "full": _step(model, optimizer, batch, None),
-                    "cached, first epoch": _step(model, optimizer, batch, cache),  # computes and stores the prefix
-                    "cached, later epochs": _step(model, optimizer, batch, cache),  # reads it
-                }
-                if index >= warmup:
-                    tokens += int(batch["attention_mask"].sum())
-                    for path, value in timed.items():
-                        seconds[path] += value
-                progress.advance(task)
-            rate = {path: tokens / seconds[path] for path in PATHS}
-            results.append({
-                "gate_layer": layer,
-                "layers": model.config.text_config.num_hidden_layers,
-                "length": length,
-                "tokens_per_step": tokens / steps,
-                **{f"tokens_per_second[{path}]": round(value, 1) for path, value in rate.items()},
-                "speedup_later_epochs": round(rate["cached, later epochs"] / rate["full"], 3),
-                "speedup_first_epoch": round(rate["cached, first epoch"] / rate["full"], 3),
-            })
-            if dtype_effect is None and layer == goal_layer:
-                dtype_effect = storage_dtype_effect(model, rows, batch, scratch / "dtype")
-            del model, optimizer, cache
+    with tempfile.TemporaryDirectory(prefix="bench-prefix-") as folder:  # the tiny base and the prefix caches
+        scratch = Path(folder)
+        args = training_arguments(config, str(scratch), 1)
+        tokenizer = load_tokenizer(config)
+        batch_size = config.training.per_device_train_batch_size
+        cases = [(layer, lengths[0]) for layer in gate_layers if layer != goal_layer]
+        cases += [(goal_layer, length) for length in lengths]
+        per_case = warmup + steps
+        data = {
+            length: dialogues_of_length(tokenizer, list(config.model.expert_names), length, batch_size * per_case, seed=length)
+            for length in lengths
+        }
+        collate = DialogueCollator(tokenizer.pad_token_id)
+        console = Console()
+        results, dtype_effect = [], None
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("bench prefix", total=len(cases) * per_case)
+            for layer, length in cases:
+                progress.update(task, description=f"gate layer {layer}, {length} tokens")
+                model_config = dataclasses.replace(config, model=dataclasses.replace(config.model, gate_layer=layer))
+                model = gated_model(model_config, load_base_model(model_config, tokenizer, scratch, args), tokenizer).to(device).train()
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                rows = data[length]
+                cache = PrefixCache(model, rows, "float32", scratch / f"cache-{layer}-{length}")
+                seconds, tokens = dict.fromkeys(PATHS, 0.0), 0
+                for index in range(per_case):
+                    chosen = list(range(index * batch_size, (index + 1) * batch_size))
+                    batch = collate([{**rows[i], "dialogue_index": i} for i in chosen])
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    timed = {
+                        "full": _step(model, optimizer, batch, None),
+                        "cached, first epoch": _step(model, optimizer, batch, cache),  # computes and stores the prefix
+                        "cached, later epochs": _step(model, optimizer, batch, cache),  # reads it
+                    }
+                    if index >= warmup:
+                        tokens += int(batch["attention_mask"].sum())
+                        for path, value in timed.items():
+                            seconds[path] += value
+                    progress.advance(task)
+                rate = {path: tokens / seconds[path] for path in PATHS}
+                results.append({
+                    "gate_layer": layer,
+                    "layers": model.config.text_config.num_hidden_layers,
+                    "length": length,
+                    "tokens_per_step": tokens / steps,
+                    **{f"tokens_per_second[{path}]": round(value, 1) for path, value in rate.items()},
+                    "speedup_later_epochs": round(rate["cached, later epochs"] / rate["full"], 3),
+                    "speedup_first_epoch": round(rate["cached, first epoch"] / rate["full"], 3),
+                })
+                if dtype_effect is None and layer == goal_layer:
+                    dtype_effect = storage_dtype_effect(model, rows, batch, scratch / "dtype")
+                del model, optimizer, cache
     summary = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "config": config_path,
@@ -210,7 +211,8 @@ def run_bench(
 
 def _write(out: Path, summary: dict) -> None:
     """``bench_prefix.csv``, ``bench_prefix.json`` and ``bench_prefix.png`` in ``out`` (each atomically)."""
-    atomic_write_csv(out / "bench_prefix.csv", summary["rows"])
+    rows = summary["rows"]
+    atomic_write_csv(out / "bench_prefix.csv", rows)
     atomic_write_text(out / "bench_prefix.json", json.dumps(summary, indent=1) + "\n")
     import matplotlib
 
@@ -299,13 +301,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from moe_empathy.cli import run_command
-
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_empathy.train.bench_prefix``: the same as ``moe-empathy bench prefix``."""
     parser = argparse.ArgumentParser(prog="moe_empathy.train.bench_prefix", description=__doc__.split("\n")[0])
     _add_arguments(parser)
-    return run_command(run_bench_command, parser.parse_args(argv))
+    run_bench_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,6 +1,7 @@
 """Training throughput of the gated model against a single LoRA and peft's X-LoRA, side by side.
 
-``python -m moe_empathy.train.bench_train --config train/configs/smollm2.yaml --steps 3``
+``moe-empathy bench train --config train/configs/smollm2.yaml --steps 3``
+(or ``python -m moe_empathy.train.bench_train ...``)
 
 All three train on the very same batches of the config's corpus (fp32 on CPU, bf16 autocast on
 GPU): the gated model (3 experts, per-turn gate, one forward), one peft LoRA on the same modules
@@ -70,37 +71,38 @@ def run_bench(config_path: str, steps: int, warmup: int, output: str | None) -> 
     """
     config = load_config(config_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    args = training_arguments(config, str(folder), 1)
-    tokenizer = load_tokenizer(config)
-    rows = encode_splits(config, tokenizer, ensure_corpus(config, args))["train"]
-    batch_size = config.training.per_device_train_batch_size
-    sampler = LengthBucketSampler([r["length"] for r in rows], batch_size, config.data.bucket_size, config.training.seed)
-    collate = DialogueCollator(tokenizer.pad_token_id)
-    batches = [collate([rows[i] for i in b]) for b in sampler.batches()[: warmup + steps]]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:  # the tiny base and the X-LoRA adapters
+        folder = Path(scratch)
+        args = training_arguments(config, str(folder), 1)
+        tokenizer = load_tokenizer(config)
+        rows = encode_splits(config, tokenizer, ensure_corpus(config, args))["train"]
+        batch_size = config.training.per_device_train_batch_size
+        sampler = LengthBucketSampler([r["length"] for r in rows], batch_size, config.data.bucket_size, config.training.seed)
+        collate = DialogueCollator(tokenizer.pad_token_id)
+        batches = [collate([rows[i] for i in b]) for b in sampler.batches()[: warmup + steps]]
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
-    def build(name: str):
-        base = load_base_model(config, tokenizer, folder, args)
-        if name == "gated (3 experts)":
-            return gated_model(config, base, tokenizer)
-        if name == "single LoRA":
-            return lora_model(config, base)
-        return xlora_model(config, base, folder / "xlora", base.config.hidden_size)
+        def build(name: str):
+            base = load_base_model(config, tokenizer, folder, args)
+            if name == "gated (3 experts)":
+                return gated_model(config, base, tokenizer)
+            if name == "single LoRA":
+                return lora_model(config, base)
+            return xlora_model(config, base, folder / "xlora", base.config.hidden_size)
 
-    names = ["gated (3 experts)", "single LoRA", "peft X-LoRA (3 experts)"]
-    models = {name: build(name).to(device).train() for name in names}
-    optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
-    seconds = dict.fromkeys(names, 0.0)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[warmup:])
-    for index, batch in enumerate(batches):
-        for name in names:
-            start = time.perf_counter()
-            _step(models[name], optimizers[name], batch, with_gate=name.startswith("gated"))
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if index >= warmup:
-                seconds[name] += time.perf_counter() - start
+        names = ["gated (3 experts)", "single LoRA", "peft X-LoRA (3 experts)"]
+        models = {name: build(name).to(device).train() for name in names}
+        optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
+        seconds = dict.fromkeys(names, 0.0)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches[warmup:])
+        for index, batch in enumerate(batches):
+            for name in names:
+                start = time.perf_counter()
+                _step(models[name], optimizers[name], batch, with_gate=name.startswith("gated"))
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if index >= warmup:
+                    seconds[name] += time.perf_counter() - start
     lengths = [r["length"] for r in rows]
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
@@ -128,14 +130,33 @@ def run_bench(config_path: str, steps: int, warmup: int, output: str | None) -> 
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moe_empathy.train.bench_train", description=__doc__.split("\n")[0])
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="train/configs/smollm2.yaml", help="training config to take the model and data from")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    run_bench(args.config, args.steps, args.warmup, args.output)
+    parser.set_defaults(func=run)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``train`` under ``moe-empathy bench``."""
+    parser = subparsers.add_parser("train", help="training throughput of the gated model against a single LoRA and peft X-LoRA")
+    _add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs ``moe-empathy bench train`` from its parsed arguments."""
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    return run_bench(args.config, args.steps, args.warmup, args.output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_empathy.train.bench_train``: the same as ``moe-empathy bench train``."""
+    parser = argparse.ArgumentParser(prog="moe_empathy.train.bench_train", description=__doc__.split("\n")[0])
+    _add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
