@@ -30,6 +30,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
@@ -298,7 +299,11 @@ class MoeEmpathyTrainer(Trainer):
                 f"{path} does not match the model being trained (missing {sorted(expected - set(state))[:3]}, "
                 f"unexpected {sorted(set(state) - expected)[:3]}); resume with the config the run was started with"
             )
-        unwrapped.load_state_dict(state, strict=False)
+        if self.is_fsdp_enabled:
+            # Every process reads the whole tensors and keeps its shard of each.
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            unwrapped.load_state_dict(state, strict=False)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Writes ``checkpoint-N`` into a staging folder and renames it into place when complete,

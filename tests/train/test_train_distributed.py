@@ -19,9 +19,10 @@ FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
 TRAINER = ["-m", "moe_empathy.train.trainer"]
 
 
-def _launch(accelerate_args: list[str], script: list[str], config: Path, output: Path) -> None:
+def _launch(accelerate_args: list[str], script: list[str], config: Path, output: Path, resume: Path | None = None) -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
-    subprocess.run([*launch, *script, "--config", str(config), "--output", str(output)], check=True, env=SUBPROCESS_ENV)
+    arguments = ["--config", str(config), "--output", str(output)] + (["--resume", str(resume)] if resume else [])
+    subprocess.run([*launch, *script, *arguments], check=True, env=SUBPROCESS_ENV)
 
 
 def _assert_same_losses(single: dict[int, float], double: dict[int, float]) -> None:
@@ -45,14 +46,14 @@ def test_two_processes_reach_the_loss_of_one(one_process_run, corpus_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp_over_two_processes_trains_like_one_and_saves_the_full_experts(one_process_run, corpus_dir, tmp_path):
+def test_fsdp_over_two_processes_trains_like_one_saves_the_full_experts_and_resumes_exactly(one_process_run, corpus_dir, tmp_path):
     # The shipped launch config, on 2 CPU processes in float32.
     launch = yaml.safe_load((CONFIGS / "accelerate-fsdp.yaml").read_text())
     launch.update(num_processes=2, mixed_precision="no", main_process_port=29518)
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(launch))
     config = write_distributed_config(corpus_dir, tmp_path / "two.yaml", per_device_batch=4)
-    _launch(["--config_file", str(tmp_path / "fsdp.yaml")], [str(FSDP_ON_CPU)], config, tmp_path / "two")
     run = tmp_path / "two"
+    _launch(["--config_file", str(tmp_path / "fsdp.yaml")], [str(FSDP_ON_CPU)], config, run)
     _assert_same_losses(train_losses(one_process_run), train_losses(run))
     # Written only by the Trainer's FSDP path (the model and optimizer state of accelerate's FSDP):
     # the run was sharded.
@@ -76,3 +77,11 @@ def test_fsdp_over_two_processes_trains_like_one_and_saves_the_full_experts(one_
     loaded = model.expert_state_dict()
     assert set(loaded) == set(saved)
     assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+
+    # Resumed from the checkpoint at the half (each process loads its shards of the saved tensors,
+    # and accelerate's FSDP optimizer state), the second half is repeated bit for bit.
+    losses = train_losses(run)
+    _launch(["--config_file", str(tmp_path / "fsdp.yaml")], [str(FSDP_ON_CPU)], config, run, resume=run / f"checkpoint-{DISTRIBUTED_STEPS // 2}")
+    assert train_losses(run) == losses
+    resumed = load_file(run / "last" / COMPACT_WEIGHTS)
+    assert all(torch.equal(resumed[name], saved[name]) for name in saved)

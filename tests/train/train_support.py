@@ -46,8 +46,9 @@ DISTRIBUTED_STEPS = 20
 
 def write_distributed_config(corpus: Path, path: Path, per_device_batch: int) -> Path:
     """Writes the tiny config for comparing process counts on global batches of the same dialogues:
-    :data:`DISTRIBUTED_STEPS` steps with a loss logged at each. The load-balancing loss is off: it is
-    a mean per micro-batch, the one term of the objective that depends on how a global batch is split.
+    :data:`DISTRIBUTED_STEPS` steps with a loss logged at each and a checkpoint at the half. The
+    load-balancing loss is off: it is a mean per micro-batch, the one term of the objective that
+    depends on how a global batch is split.
 
     Args:
         corpus: the corpus folder.
@@ -62,7 +63,7 @@ def write_distributed_config(corpus: Path, path: Path, per_device_batch: int) ->
             "max_steps": DISTRIBUTED_STEPS,
             "per_device_train_batch_size": per_device_batch,
             "logging_steps": 1,
-            "eval_steps": DISTRIBUTED_STEPS,
+            "eval_steps": DISTRIBUTED_STEPS // 2,  # and a checkpoint
         },
     )
     path.write_text(yaml.safe_dump(values))
