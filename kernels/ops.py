@@ -1,9 +1,10 @@
 """The Triton multi-LoRA delta as ``torch.library`` custom ops, forward and backward.
 
 Each op is one opaque call with a fake (meta) implementation, so ``torch.compile`` traces
-the model through it without a graph break and CUDA graphs can capture it (dense routing;
-top-k routing reads its block count back to the host in ``token_blocks``). The ops, all in
-the ``moe_empathy`` namespace:
+the model through it without a graph break and CUDA graphs can capture it. Top-k routing
+reads its block count back to the host in ``token_blocks`` (not capturable), and in a whole
+model Dynamo may need ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` to
+trace that op's data-dependent output size. The ops, all in the ``moe_empathy`` namespace:
 
 * ``token_blocks``: the top-k routing tensors ``[expert_ids, perm, block_start, block_end]``
   (the block count depends on the data). Every other op takes this list as ``routing``,

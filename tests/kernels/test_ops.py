@@ -82,13 +82,12 @@ def test_inplace_op_equals_functional_op_on_a_transposed_out():
 
 @pytest.mark.parametrize("size", SIZES[:2], ids=_size_id)
 def test_compiled_multi_lora_equals_eager_with_gradients(size):
-    """Dynamo and AOTAutograd take the Triton call without a graph break: fake impls and
-    the registered backward, including top-k routing's data-dependent block count."""
+    """Dynamo and AOTAutograd take the Triton call without a graph break: fake impls and the
+    registered backward, including top-k routing's data-dependent block count."""
     torch._dynamo.reset()
-    inputs = _inputs(size)
-    expert_ids = inputs[4]
+    x, lora_A, lora_B, gate, expert_ids, base = _inputs(size)
 
-    def step(x, lora_A, lora_B, gate, base):
+    def step(x, lora_A, lora_B, gate, base, expert_ids):
         out = base * 1.0  # a non-leaf, like a base layer's output
         y = multi_lora(x, lora_A, lora_B, gate, 0.5, expert_ids=expert_ids, out=out, backend="triton", validate=False)
         return y.sin().sum()
@@ -96,8 +95,8 @@ def test_compiled_multi_lora_equals_eager_with_gradients(size):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     results = []
     for fn in (step, compiled):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
-        loss = fn(*leaves)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B, gate, base)]
+        loss = fn(*leaves, expert_ids)
         loss.backward()
         results.append([loss.detach()] + [leaf.grad for leaf in leaves])
     for eager, traced in zip(*results, strict=True):
