@@ -29,8 +29,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from moe_empathy.losses import IGNORE_INDEX, lm_loss_sum, next_token_targets
 
+from moe_empathy.losses import IGNORE_INDEX, lm_loss_sum, next_token_targets
 from moe_empathy.utils import atomic_path, atomic_write_csv, atomic_write_text
 
 from .baselines import gated_model, load_base_model, load_tokenizer

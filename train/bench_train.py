@@ -49,7 +49,9 @@ def xlora_model(config, base, folder: Path, hidden_size: int):
 
 
 def _step(model, optimizer, batch: dict, with_gate: bool) -> None:
-    inputs = {k: v for k, v in batch.items() if k != "labels" and (with_gate or k in ("input_ids", "attention_mask"))}
+    """One optimizer step on the loss the model computes from the batch's labels (the gated
+    model adds its gate's losses)."""
+    inputs = {k: v for k, v in batch.items() if with_gate or k in ("input_ids", "attention_mask", "labels")}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
         outputs = model(**inputs)
     outputs.loss.backward()
