@@ -2,25 +2,20 @@ import json
 
 import pytest
 
-from moe_empathy.train.synth_plan import SynthConfig, plans
 from moe_empathy.train.synth_llm import LLMSynthConfig, assistant_prompt, generate_llm, read_progress, user_prompt
+from moe_empathy.train.synth_plan import SynthConfig, plans
+from tests.moe_empathy.conftest import tiny_base
 
 CONFIG = SynthConfig(dialogues=7, min_turns=1, max_turns=3, seed=3, shift_rate=0.6)
 LLM = LLMSynthConfig(batch_size=3, max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tokenizer):
-    from tests.moe_empathy.conftest import tiny_base
-
-    return tiny_base(vocab_size=len(tokenizer)), tokenizer
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_without_duplicates_or_loss(tmp_path, tiny_chat_model):
+def test_interrupted_run_resumes_without_duplicates_or_loss(tmp_path, tokenizer):
+    tiny_chat_model = tiny_base(vocab_size=len(tokenizer)), tokenizer
     progress = tmp_path / "run.partial.jsonl"
     seen = []
 
