@@ -10,8 +10,10 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
   pre-hook from the decoder layer's keyword arguments, so gradient checkpointing's
   recomputation sees the very same plan. The plan was built and checked once per forward.
 * Forward dispatch, in order: no plan (experts disabled, or a call outside the gated
-  model) -> base; inference with one mixture shared by every token -> one GEMM with the
-  folded weight; inference on the torch backend -> base GEMM plus the experts' two GEMMs on
+  model) or a mixture merged into the base weight (:meth:`MultiLoraLinear.merge`) -> base;
+  inference with one mixture shared by every token -> one GEMM with the folded weight (a
+  copy of the base weight plus the mixture's update, built once per turn); inference on the
+  torch backend -> base GEMM plus the experts' two GEMMs on
   cached concatenated experts and the plan's per-token factors; otherwise base GEMM plus
   :func:`moe_empathy.kernels.multi_lora` (Triton or torch, differentiable) accumulated into its output.
 """
@@ -63,8 +65,10 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.routing_slot: RoutingSlot | None = None  # shared with the model's other expert linears
-        self._merged: tuple[tuple, torch.Tensor] | None = None
-        self._concatenated: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.merged_mixture: torch.Tensor | None = None  # [E], while merged into base_layer.weight
+        # Inference caches, valid while the parameters' versions are unchanged.
+        self._fold: tuple[RoutingPlan, tuple, torch.Tensor] | None = None  # (plan, versions, folded weight)
+        self._concatenated: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (versions, a_cat, b_cat_t)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -84,11 +88,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
         plan = self.routing_slot.plan if self.routing_slot is not None else None
-        if plan is None:
+        if plan is None or self.merged:
             return self.base_layer(x)
         inference = not torch.is_grad_enabled() and not self.training
         if inference and plan.fold_key is not None:
-            return nn.functional.linear(x, self._merged_weight(plan), self.base_layer.bias)
+            return nn.functional.linear(x, self._folded_weight(plan), self.base_layer.bias)
         result = self.base_layer(x)  # [batch, seq, out]
         flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]
         flat_out = result.reshape(-1, self.out_features)  # [tokens, out]
@@ -109,27 +113,86 @@ class MultiLoraLinear(nn.Module):
         )
         return flat_out.view_as(result)
 
-    def _merged_weight(self, plan: RoutingPlan) -> torch.Tensor:
-        """``W + scaling * B_cat diag(g) A_cat`` for a turn-constant gate, cached per mixture."""
-        # Optimiser steps and loads bump the parameters' versions, which invalidates the fold.
-        key = (plan.fold_key, self.lora_A._version, self.lora_B._version, self.base_layer.weight._version)
-        if self._merged is None or self._merged[0] != key:
-            gate = plan.fold.to(self.lora_A.dtype)  # [E]
-            a_cat, b_cat_t = concatenate_experts(self.lora_A, self.lora_B)  # [E*r, in], [E*r, out]
-            scale = (gate * self.scaling).repeat_interleave(self.rank)  # [E*r]
-            self._merged = (key, self.base_layer.weight + (b_cat_t * scale.unsqueeze(1)).t() @ a_cat)
-        return self._merged[1]
+    # ----------------------------------------------------------------- folding and merging
+
+    def delta_weight(self, mixture: torch.Tensor) -> torch.Tensor:
+        """``scaling * B_cat diag(g) A_cat``: the ``[out, in]`` update of one mixture ``g``.
+
+        Args:
+            mixture: ``[E]`` expert weights.
+        """
+        a_cat, b_cat_t = concatenate_experts(self.lora_A, self.lora_B)  # [E*r, in], [E*r, out]
+        scale = (mixture.to(a_cat) * self.scaling).repeat_interleave(self.rank)  # [E*r]
+        return (b_cat_t * scale.unsqueeze(1)).t() @ a_cat  # [out, in]
+
+    @property
+    def merged(self) -> bool:
+        """Whether a mixture is merged into ``base_layer.weight`` (see :meth:`merge`)."""
+        return self.merged_mixture is not None
+
+    @torch.no_grad()
+    def merge(self, mixture: torch.Tensor, safe_merge: bool = False) -> None:
+        """Adds one mixture of the experts to the base weight in place; the layer then runs
+        its base only, until :meth:`unmerge`.
+
+        Args:
+            mixture: ``[E]`` expert weights.
+            safe_merge: build the merged weight in a copy and refuse it if it is not finite.
+        """
+        if self.merged:
+            raise RuntimeError("this layer already has a merged mixture; call unmerge() before merging another")
+        delta = self.delta_weight(mixture).to(self.base_layer.weight.dtype)  # [out, in]
+        if safe_merge:
+            merged = self.base_layer.weight + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"merging mixture {mixture.tolist()} gives non-finite weights in a {self.out_features}x"
+                    f"{self.in_features} layer: its experts hold NaN or inf values; check the checkpoint"
+                )
+            self.base_layer.weight.copy_(merged)
+        else:
+            self.base_layer.weight.add_(delta)
+        self.merged_mixture = mixture.detach().clone()
+        self.drop_merged_weight()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts the merged mixture from the base weight again (equal up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("this layer has no merged mixture to unmerge")
+        self.base_layer.weight.sub_(self.delta_weight(self.merged_mixture).to(self.base_layer.weight.dtype))
+        self.merged_mixture = None
+        self.drop_merged_weight()
+
+    def _versions(self) -> tuple[int, int, int]:
+        """The parameters' versions: optimiser steps and loads bump them."""
+        return self.lora_A._version, self.lora_B._version, self.base_layer.weight._version
+
+    def _folded_weight(self, plan: RoutingPlan) -> torch.Tensor:
+        """``W + delta_weight(plan.fold)`` for inference on a turn-constant mixture, kept per mixture.
+
+        The decode steps of one turn share its plan and find its weight by identity plus three
+        integer version reads (a fraction of a microsecond); a new plan compares its mixture.
+        An optimiser step or a load between two calls rebuilds the weight, so a fold is never stale.
+        """
+        versions, fold = self._versions(), self._fold
+        if fold is not None and fold[1] == versions and (fold[0] is plan or fold[0].fold_key == plan.fold_key):
+            weight = fold[2]
+        else:
+            weight = self.base_layer.weight + self.delta_weight(plan.fold)  # [out, in]
+        self._fold = (plan, versions, weight)
+        return weight
 
     def _concatenated_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_cat [E*r, in]`` and ``b_cat_t [E*r, out]``, kept until the experts change."""
-        key = (self.lora_A._version, self.lora_B._version)
-        if self._concatenated is None or self._concatenated[0] != key:
-            self._concatenated = (key, *concatenate_experts(self.lora_A, self.lora_B))
-        return self._concatenated[1], self._concatenated[2]
+        versions, cat = self._versions(), self._concatenated
+        tensors = cat[1:] if cat is not None and cat[0] == versions else concatenate_experts(self.lora_A, self.lora_B)
+        self._concatenated = (versions, *tensors)
+        return tensors[0], tensors[1]
 
     def drop_merged_weight(self) -> None:
         """Frees the folded weight and the concatenated experts (when generation ends)."""
-        self._merged = None
+        self._fold = None
         self._concatenated = None
 
     def extra_repr(self) -> str:

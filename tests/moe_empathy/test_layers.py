@@ -61,3 +61,29 @@ def test_cached_experts_follow_parameter_updates(linear):
 def test_no_plan_is_exactly_the_base(linear):
     x = torch.randn(2, 3, 24)
     assert torch.equal(linear(x), linear.base_layer(x))
+
+
+def test_merge_equals_the_folded_mixture_and_unmerge_restores_the_base(linear):
+    x = torch.randn(2, 3, 24)
+    mixture = torch.tensor([0.2, 0.5, 0.3])
+    base_weight = linear.base_layer.weight.detach().clone()
+    linear.routing_slot.plan = RoutingPlan.build(mixture.expand(2, 3, 3), torch.ones(2, 3, dtype=torch.bool), None, may_fold=True)
+    with torch.no_grad():
+        folded = linear.eval()(x)
+        linear.merge(mixture, safe_merge=True)
+        merged = linear(x)  # the base layer alone, now holding the mixture
+        with pytest.raises(RuntimeError, match="unmerge"):
+            linear.merge(mixture)
+        linear.unmerge()
+    torch.testing.assert_close(merged, folded)
+    torch.testing.assert_close(linear.base_layer.weight, base_weight, atol=1e-6, rtol=0)
+    assert not linear.merged
+
+
+def test_safe_merge_refuses_non_finite_experts(linear):
+    base_weight = linear.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        linear.lora_A[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        linear.merge(torch.tensor([0.0, 1.0, 0.0]), safe_merge=True)
+    assert torch.equal(linear.base_layer.weight, base_weight) and not linear.merged
