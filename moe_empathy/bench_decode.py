@@ -101,9 +101,9 @@ class DecodeStep:
 def _shares_one_mixture(model, cache) -> bool:
     """Whether the decode plan of the turn held in ``cache`` folds (one mixture for all rows)."""
     from .cache import gate_state_of
+    from .dispatch import continuing_call
 
-    state = gate_state_of(cache)
-    plan = model._continuing_call(state, 1).plan
+    plan = continuing_call(model.gate, model.config, gate_state_of(cache), 1, None).plan
     return plan.fold_key is not None
 
 

@@ -131,6 +131,21 @@ class MultiLoraLinear(nn.Module):
         return self.merged_mixture is not None
 
     @torch.no_grad()
+    def checked_merged_weight(self, mixture: torch.Tensor) -> torch.Tensor:
+        """``W + delta_weight(mixture)`` in a new tensor, refused with a ValueError if not finite.
+
+        Args:
+            mixture: ``[E]`` expert weights.
+        """
+        merged = self.base_layer.weight + self.delta_weight(mixture).to(self.base_layer.weight.dtype)  # [out, in]
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"merging mixture {mixture.tolist()} gives non-finite weights in a {self.out_features}x"
+                f"{self.in_features} layer: its experts hold NaN or inf values; check the checkpoint"
+            )
+        return merged
+
+    @torch.no_grad()
     def merge(self, mixture: torch.Tensor, safe_merge: bool = False) -> None:
         """Adds one mixture of the experts to the base weight in place; the layer then runs
         its base only, until :meth:`unmerge`.
@@ -141,17 +156,10 @@ class MultiLoraLinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("this layer already has a merged mixture; call unmerge() before merging another")
-        delta = self.delta_weight(mixture).to(self.base_layer.weight.dtype)  # [out, in]
         if safe_merge:
-            merged = self.base_layer.weight + delta
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging mixture {mixture.tolist()} gives non-finite weights in a {self.out_features}x"
-                    f"{self.in_features} layer: its experts hold NaN or inf values; check the checkpoint"
-                )
-            self.base_layer.weight.copy_(merged)
+            self.base_layer.weight.copy_(self.checked_merged_weight(mixture))
         else:
-            self.base_layer.weight.add_(delta)
+            self.base_layer.weight.add_(self.delta_weight(mixture).to(self.base_layer.weight.dtype))
         self.merged_mixture = mixture.detach().clone()
         self.drop_merged_weight()
 

@@ -141,6 +141,27 @@ class GateLosses:
     aux: torch.Tensor
 
 
+def check_gate_labels(gate_labels: torch.Tensor, shape: tuple[int, int], expert_names: list[str]) -> None:
+    """Raises a ValueError unless ``gate_labels`` is ``[batch, turns]`` (``shape``) of expert indices or -100.
+
+    Args:
+        gate_labels: the labels given to the forward.
+        shape: ``(batch, turns)`` of the forward's gate decision.
+        expert_names: the model's experts, in index order.
+    """
+    if tuple(gate_labels.shape) != shape:
+        raise ValueError(
+            f"gate_labels must have shape [batch, turns] = {list(shape)}, one label per turn of the input, "
+            f"got {tuple(gate_labels.shape)}; use {IGNORE_INDEX} for a turn without a label"
+        )
+    bad = (gate_labels != IGNORE_INDEX) & ((gate_labels < 0) | (gate_labels >= len(expert_names)))
+    if bad.any():
+        raise ValueError(
+            f"gate_labels must be expert indices in [0, {len(expert_names) - 1}] ({expert_names}) "
+            f"or {IGNORE_INDEX} to ignore a turn"
+        )
+
+
 def gate_losses(gate: GateOutput, gate_labels: torch.Tensor | None, config: MoeEmpathyConfig) -> GateLosses:
     """The gate's losses over the turns it decided in this forward, weighted by ``config``.
 

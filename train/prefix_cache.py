@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers.masking_utils import create_causal_mask
 
 from moe_empathy.layers import ROUTING_KWARG
-from moe_empathy.losses import gate_losses
+from moe_empathy.dispatch import deciding_call, gate_fields
 from moe_empathy.modeling_moe_empathy import MoeEmpathyCausalLMOutputWithPast, MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_path
 
@@ -114,7 +114,7 @@ def forward_from_prefix(
 ) -> MoeEmpathyCausalLMOutputWithPast:
     """The gated model's forward from decoder layer ``gate_layer`` up, given the states entering it.
 
-    The routing call is the model's own (``_gate_call``) and the decoder layers are called as the
+    The routing call is built as the model's forward builds it (:func:`deciding_call`) and the decoder layers are called as the
     full forward calls them, so the gate's pre-hook at ``gate_layer`` decides the mixture from
     ``prefix`` and the experts apply it; gradient checkpointing works as in the full forward.
 
@@ -135,7 +135,7 @@ def forward_from_prefix(
     if model._experts_disabled:
         raise ValueError("the prefix-cached forward trains the experts; it cannot run inside model.disable_experts()")
     decoder = _decoder(model)
-    call = model._gate_call(None, prefix, attention_mask, turn_ids, gate_mask, None)
+    call = deciding_call(model.gate, model.config, None, prefix, attention_mask, turn_ids, gate_mask, None, model._forced)
     kwargs = _layer_inputs(decoder, prefix, attention_mask)
     hidden = prefix
     for layer in decoder.layers[model.config.gate_layer : decoder.config.num_hidden_layers]:
@@ -145,21 +145,8 @@ def forward_from_prefix(
         hidden = hidden[keep]  # [n, hidden]
     logits = model.get_output_embeddings()(hidden)  # [batch, seq, vocab] or [n, vocab]
     # What MoeEmpathyForCausalLM.forward adds after the base's forward: the gate's losses.
-    gate = call.output
-    if gate_labels is not None:
-        model._check_gate_labels(gate_labels, tuple(gate.logits.shape[:2]))
-    losses = gate_losses(gate, gate_labels, model.config)
-    return MoeEmpathyCausalLMOutputWithPast(
-        logits=logits,
-        gate_weights=gate.weights,
-        gate_logits=gate.logits,
-        turn_mask=gate.turn_mask,
-        aux_loss=losses.aux,
-        gate_label_loss=losses.gate_label,
-        load_balancing_loss=losses.load_balancing,
-        z_loss=losses.z_loss,
-        gate_state=gate.state,
-    )
+    fields, _ = gate_fields(call.output, gate_labels, model.config)
+    return MoeEmpathyCausalLMOutputWithPast(logits=logits, **fields)
 
 
 # --------------------------------------------------------------------- the cache

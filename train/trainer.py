@@ -37,7 +37,8 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from moe_empathy.losses import gate_turn_losses, lm_loss_sum, next_token_targets
-from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
+from moe_empathy.checkpoint import COMPACT_WEIGHTS
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_write_text, make_temp_dir, move_into_place
 
 from .collate import IGNORE_INDEX, DialogueCollator, LengthBucketSampler, padding_report

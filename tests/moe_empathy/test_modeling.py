@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_empathy import MoeEmpathyForCausalLM, encode_chat
-from moe_empathy import modeling_moe_empathy as modeling
+from moe_empathy import dispatch
 from moe_empathy.cache import gate_state_of
 
 from .conftest import randomise_experts, tiny_base
@@ -194,50 +194,6 @@ def test_top_k_gate_keeps_k_experts(tokenizer, dialogue):
     torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(1, 3))
 
 
-def test_force_gate_mixture_and_errors(model, tokenizer, dialogue):
-    enc = encode_chat(tokenizer, dialogue)
-    with torch.no_grad():
-        with model.force_gate({"low": 0.25, "high": 0.75}):
-            out = model(enc["input_ids"])
-        assert torch.allclose(out.gate_weights, torch.tensor([0.25, 0.0, 0.75]).expand(1, 3, 3))
-        with model.force_gate([0.25, 0.0, 0.75]):
-            assert torch.equal(model(enc["input_ids"]).logits, out.logits)
-    for bad, message in [
-        ("joyful", "unknown expert"),
-        ([0.5, 0.5], "needs 3 weights"),
-        (torch.ones(2, 2, 3) / 3, "needs 3 weights"),
-        ([1.5, -0.5, 0.0], ">= 0"),
-        ([0.2, 0.2, 0.2], "sum to 1"),
-        ({"nope": 1.0}, "unknown experts"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            with model.force_gate(bad):
-                pass
-
-
-def test_force_gate_per_row_equals_each_row_forced_alone(model, tokenizer, dialogue):
-    """One batch with a different expert forced in each row (external selection by task)."""
-    batch = encode_chat(tokenizer, [dialogue[:3], dialogue, dialogue[:1]])  # rows 0 and 2 left-padded
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    choices = ["high", "low", "medium"]
-    with torch.no_grad():
-        with model.force_gate(choices):
-            mixed = model(**inputs)
-        for row, name in enumerate(choices):
-            with model.force_gate(name):
-                alone = model(**inputs)
-            torch.testing.assert_close(mixed.logits[row], alone.logits[row], rtol=1e-5, atol=1e-5)  # fp32: a batch of one folds the mixture into W, a mixed batch adds it per row
-            assert mixed.gate_weights[row, :, model.expert_names.index(name)].max() == 1
-        with model.force_gate(torch.eye(3)[[2, 0, 1]]):
-            assert torch.equal(model(**inputs).logits, mixed.logits)
-    with pytest.raises(ValueError, match="2 per-row mixtures for a batch of 3"):
-        with torch.no_grad(), model.force_gate(["low", "high"]):
-            model(**inputs)
-    with pytest.raises(ValueError, match=r"unknown expert\(s\) \['joyful'\]"):
-        with model.force_gate(["low", "joyful"]):
-            pass
-
-
 def test_bad_turn_ids_are_refused(model, tokenizer, dialogue):
     enc = encode_chat(tokenizer, dialogue)
     ids = enc["input_ids"]
@@ -252,24 +208,6 @@ def test_bad_turn_ids_are_refused(model, tokenizer, dialogue):
 def test_target_modules_matching_nothing_are_refused(tokenizer):
     with pytest.raises(ValueError, match="match no nn.Linear.*q_proj"):
         MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, target_modules=["query"])
-
-
-def test_routing_log_saves_json(model, tokenizer, dialogue, tmp_path):
-    import json
-
-    enc = encode_chat(tokenizer, [dialogue, dialogue[:3]])
-    model.enable_routing_log()
-    with torch.no_grad():
-        out = model(**{k: enc[k] for k in ("input_ids", "attention_mask", "turn_ids", "gate_mask")})
-    model.save_routing_log(tmp_path / "log.json")
-    data = json.loads((tmp_path / "log.json").read_text())
-    assert data["expert_names"] == ["low", "medium", "high"]
-    assert [(r["dialogue"], r["turn"]) for r in data["records"]] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
-    first = data["records"][1]
-    assert first["weights"]["high"] == pytest.approx(float(out.gate_weights[0, 1, 2]))
-    with pytest.raises(RuntimeError, match="enable_routing_log"):
-        model.disable_routing_log()
-        model.routing_log
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, dialogue):
@@ -401,10 +339,10 @@ def test_decode_steps_reuse_the_turns_plan_without_deriving_anything(tokenizer, 
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
     reference = model.generate(**inputs, use_cache=False, **kwargs)
     calls = {"gate": 0, "derive": 0}
-    gate_forward, derive = model.gate.forward, modeling.derive_turn_ids
+    gate_forward, derive = model.gate.forward, dispatch.derive_turn_ids
     monkeypatch.setattr(model.gate, "forward", lambda *a, **k: calls.__setitem__("gate", calls["gate"] + 1) or gate_forward(*a, **k))
-    monkeypatch.setattr(modeling, "derive_turn_ids", lambda *a, **k: calls.__setitem__("derive", calls["derive"] + 1) or derive(*a, **k))
-    monkeypatch.setattr(modeling, "validate_turn_ids", lambda *a, **k: calls.__setitem__("validate", calls.get("validate", 0) + 1))
+    monkeypatch.setattr(dispatch, "derive_turn_ids", lambda *a, **k: calls.__setitem__("derive", calls["derive"] + 1) or derive(*a, **k))
+    monkeypatch.setattr(dispatch, "validate_turn_ids", lambda *a, **k: calls.__setitem__("validate", calls.get("validate", 0) + 1))
     cached = model.generate(**inputs, **kwargs)
     assert torch.equal(cached, reference)
     assert calls == {"gate": 1, "derive": 0, "validate": 1}  # the prefill only

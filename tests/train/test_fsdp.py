@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
 from transformers.integrations.accelerate import infer_auto_device_map
 
 from moe_empathy.layers import MultiLoraLinear
-from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
+from moe_empathy.checkpoint import COMPACT_WEIGHTS
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.train.trainer import MoeEmpathyTrainer
 
 # Llama-3.1-8B's shape.

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 from train_support import CONFIGS, DISTRIBUTED_STEPS, SUBPROCESS_ENV, train_losses, write_distributed_config
 
-from moe_empathy.modeling_moe_empathy import COMPACT_WEIGHTS, MoeEmpathyForCausalLM
+from moe_empathy.checkpoint import COMPACT_WEIGHTS
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
 FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
 TRAINER = ["-m", "moe_empathy.train.trainer"]
