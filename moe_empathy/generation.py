@@ -91,19 +91,21 @@ class ReplyRepetitionLogitsProcessor(LogitsProcessor):
         reply = input_ids[:, self.prompt_length :]  # [batch, generated]
         if reply.shape[1] < n - 1:
             return scores
+        if self.earlier.device != input_ids.device:  # moved once, not at every step
+            self.earlier, self.earlier_valid = self.earlier.to(input_ids.device), self.earlier_valid.to(input_ids.device)
         prefix = reply[:, reply.shape[1] - (n - 1) :]  # [batch, n-1]
-        grams = self.earlier.to(input_ids.device)  # [batch, G, n]
-        valid = self.earlier_valid.to(input_ids.device)  # [batch, G]
+        grams, valid = self.earlier, self.earlier_valid  # [batch, G, n], [batch, G]
         if reply.shape[1] >= n:
             own = reply.unfold(1, n, 1)  # [batch, generated-n+1, n]
             grams = torch.cat([grams, own], 1)
-            valid = torch.cat([valid, torch.ones(own.shape[:2], dtype=torch.bool, device=valid.device)], 1)
+            valid = torch.cat([valid, valid.new_ones(own.shape[:2])], 1)
         hit = valid & (grams[..., :-1] == prefix[:, None, :]).all(-1)  # [batch, G']
-        rows, which = hit.nonzero(as_tuple=True)  # [hits]
-        tokens = grams[rows, which, -1]  # [hits] (a token may be hit twice: written once, not accumulated)
+        # Fixed shapes throughout (no nonzero): the step never waits for the device.
+        tokens = grams[..., -1].clamp(min=0)  # [batch, G'] (padding grams hit nothing)
+        repeats = torch.zeros_like(scores, dtype=torch.bool).scatter_reduce_(1, tokens, hit, reduce="amax")  # [batch, vocab]
         if self.penalty is None:
-            return scores.index_put((rows, tokens), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
-        return scores.index_put((rows, tokens), scores[rows, tokens] - self.penalty)
+            return scores.masked_fill(repeats, float("-inf"))
+        return scores - repeats.to(scores.dtype) * self.penalty
 
 
 @dataclass(frozen=True)
