@@ -181,14 +181,13 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
             console.print(f"read {resumed} finished batch(es) back from {journal.folder}")
         # An interrupted run's earlier sessions count with the time their batches took.
         elapsed = time.perf_counter() - start + sum(s.resumed_seconds for s in stats.values())
-        throughput = {name: {"mode": s.mode, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens} for name, s in stats.items()}
+        throughput = {name: s.summary() for name, s in stats.items()}
         notes = []
         if args.compare_reencode:
             other = "reencode" if args.mode == "cached" else "cached"
             probe = next((s for s in systems if s.gated), systems[0])
             again, again_stats = rollout([probe], records, tokenizer, args.batch_size, args.max_new_tokens, other, progress, journal, on_batch)
-            s = again_stats[probe.name]
-            throughput[f"{probe.name} ({other})"] = {"mode": other, "turns": s.turns, "seconds": s.seconds, "turns_per_second": s.turns_per_second, "prefill_tokens": s.prefill_tokens}
+            throughput[f"{probe.name} ({other})"] = again_stats[probe.name].summary()
             same = sum(a.replies == b.replies for a, b in zip(rollouts[probe.name], again[probe.name]))
             notes.append(f"{probe.name}: {same} of {len(records)} dialogues got identical replies in {args.mode} and {other} modes.")
     scored = {}

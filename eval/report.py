@@ -154,6 +154,24 @@ def _ci(entry: dict | None, percent: bool = False, digits: int = 2) -> str:
     return f"{value} [{entry['ci_low'] * scale:.{digits if not percent else 1}f}, {entry['ci_high'] * scale:.{digits if not percent else 1}f}]"
 
 
+def _throughput_table(throughput: dict) -> str:
+    """Turns and tokens per second of each system, and their ratio to the base's in the same run
+    (the base decodes the same scripts; replies of different lengths make turns/s differ alone)."""
+    base = throughput.get("base")
+
+    def ratio(entry: dict, key: str) -> str:
+        if base is None or key not in entry or key not in base or not base[key]:
+            return "-"
+        return f"{entry[key] / base[key]:.2f}x"
+
+    rows = [
+        [n, t["mode"], str(t["turns"]), f"{t['seconds']:.1f}", f"{t['turns_per_second']:.2f}", ratio(t, "turns_per_second"),
+         f"{t['tokens_per_second']:.1f}" if "tokens_per_second" in t else "-", ratio(t, "tokens_per_second")]
+        for n, t in throughput.items()
+    ]
+    return _table(["system", "mode", "turns", "seconds", "turns/s", "turns/s vs base", "tokens/s", "tokens/s vs base"], rows)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -282,15 +300,7 @@ def render_report(metrics: dict) -> str:
         ]
     throughput = metrics.get("throughput")
     if throughput:
-        parts += [
-            "## Throughput",
-            "",
-            _table(
-                ["system", "mode", "turns", "seconds", "turns/s"],
-                [[n, t["mode"], str(t["turns"]), f"{t['seconds']:.1f}", f"{t['turns_per_second']:.2f}"] for n, t in throughput.items()],
-            ),
-            "",
-        ]
+        parts += ["## Throughput", "", _throughput_table(throughput), ""]
     if metrics.get("notes"):
         parts += ["## Notes", ""] + [f"- {note}" for note in metrics["notes"]] + [""]
     return "\n".join(parts)

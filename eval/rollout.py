@@ -76,6 +76,7 @@ class RolloutStats:
         turns: replies generated.
         seconds: wall-clock time spent generating.
         prefill_tokens: prompt tokens run through the model (padding included).
+        decode_tokens: tokens decoded (rows x decode steps, finished rows included: the work done).
         resumed_batches: batches read back from an interrupted run's progress, not computed.
         resumed_seconds: the seconds those batches took when they were computed.
     """
@@ -84,6 +85,7 @@ class RolloutStats:
     turns: int = 0
     seconds: float = 0.0
     prefill_tokens: int = 0
+    decode_tokens: int = 0
     resumed_batches: int = 0
     resumed_seconds: float = 0.0
 
@@ -91,8 +93,20 @@ class RolloutStats:
     def turns_per_second(self) -> float:
         return self.turns / self.seconds if self.seconds else float("nan")
 
+    @property
+    def tokens_per_second(self) -> float:
+        """Prefill and decoded tokens per second."""
+        return (self.prefill_tokens + self.decode_tokens) / self.seconds if self.seconds else float("nan")
+
+    def summary(self) -> dict:
+        """The report's throughput entry."""
+        return {
+            "mode": self.mode, "turns": self.turns, "seconds": self.seconds, "turns_per_second": self.turns_per_second,
+            "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens, "tokens_per_second": self.tokens_per_second,
+        }
+
     def add(self, other: "RolloutStats") -> None:
-        """Adds another run's turns, seconds and prefill tokens (e.g. one batch's) to these.
+        """Adds another run's turns, seconds and tokens (e.g. one batch's) to these.
 
         Args:
             other: the counters to add.
@@ -100,6 +114,7 @@ class RolloutStats:
         self.turns += other.turns
         self.seconds += other.seconds
         self.prefill_tokens += other.prefill_tokens
+        self.decode_tokens += other.decode_tokens
 
 
 class TurnTokens:
@@ -301,6 +316,7 @@ def rollout_batch(
             if stats is not None:
                 stats.turns += len(records)
                 stats.prefill_tokens += prefill * len(records)
+                stats.decode_tokens += new.numel()
             if on_turn is not None:
                 on_turn(len(records))
     if stats is not None:

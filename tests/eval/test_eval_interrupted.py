@@ -52,7 +52,7 @@ def _without_timings(metrics: dict) -> dict:
     metrics = json.loads(json.dumps(metrics))
     metrics["timing"]["seconds"] = None
     for entry in metrics["throughput"].values():
-        entry["seconds"] = entry["turns_per_second"] = None
+        entry["seconds"] = entry["turns_per_second"] = entry["tokens_per_second"] = None
     metrics["notes"] = [n for n in metrics["notes"] if not n.startswith("Rollouts took")]
     for target in metrics["targets"]:
         if "within 30 minutes" in target["target"]:
@@ -93,7 +93,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_report(eval_command, un
     resumed, reference = (json.loads((folder / "metrics.json").read_text()) for folder in (out, uninterrupted_eval))
     assert _without_timings(resumed) == _without_timings(reference)
     for name in SYSTEMS:
-        assert resumed["throughput"][name]["prefill_tokens"] == reference["throughput"][name]["prefill_tokens"] > 0
+        for count in ("prefill_tokens", "decode_tokens"):
+            assert resumed["throughput"][name][count] == reference["throughput"][name][count] > 0
 
 
 @pytest.mark.integration

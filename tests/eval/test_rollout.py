@@ -32,6 +32,8 @@ def test_cached_rollout_equals_reencoding(stopping, tokenizer, scripts):
         # Only the new user message is prefilled each turn.
         assert cached_stats[name].prefill_tokens < fresh_stats[name].prefill_tokens
         assert cached_stats[name].turns == fresh_stats[name].turns == sum(len(s["turns"]) // 2 for s in scripts)
+        # Decode work counts every row of every step, so finished rows padded to the batch's longest reply too.
+        assert cached_stats[name].decode_tokens == fresh_stats[name].decode_tokens >= sum(n for r in cached[name] for n in r.new_tokens)
 
 
 def test_gated_gate_matches_the_routing_log(gated, tokenizer, scripts):
