@@ -4,7 +4,10 @@ Systems, all on the same base and measured side by side in one run (interleaved
 repeats, median): the plain base; one peft LoRA; peft's X-LoRA over three such LoRAs;
 our gated model with three experts on the same modules of every layer
 (``gate_layer=0``) and with the default ``gate_layer``. Generation is greedy with a
-fixed number of new tokens from chat prompts; a training step is forward + backward.
+fixed number of new tokens from chat prompts (prefill included, as a user sees it); a
+training step is forward + backward. Beside tokens/s it reports each generating system's
+milliseconds per new token above the base's. How that overhead grows with the number of
+expert layers and with the cached context is ``moe-empathy bench decode``'s subject.
 
 Run: ``moe-empathy bench model``.
 """
@@ -23,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .utils import atomic_write_csv
+from .utils import atomic_path, atomic_write_csv
 
 PROMPTS = [
     "My laptop froze during an update and now it shows a black screen. What should I try first?",
@@ -186,16 +189,22 @@ def summarise(samples: dict[tuple, list[float]], new_tokens: int, train_tokens: 
         ref = next(r for r in rows if r["kind"] == row["kind"] and r["batch"] == row["batch"] and r["system"] == reference)
         row["vs_reference"] = row["tokens_per_s"] / ref["tokens_per_s"] if row["kind"] == "generate" else row["median_s"] / ref["median_s"]
         row["reference"] = reference
+        # Per new token of a row-batch step, above the base's (generation only).
+        row["overhead_ms_per_token"] = (row["median_s"] - ref["median_s"]) * 1e3 / new_tokens if row["kind"] == "generate" else None
     return rows
 
 
 def show(console: Console, rows: list[dict]) -> None:
     table = Table(title="moe_empathy model benchmark (median of interleaved runs)")
-    for column in ("kind", "system", "batch", "median s", "tokens/s", "ratio", "ratio is"):
+    for column in ("kind", "system", "batch", "median s", "tokens/s", "ratio", "ratio is", "ms/token above base"):
         table.add_column(column)
     for row in rows:
         meaning = "tokens/s vs base" if row["kind"] == "generate" else "step time vs peft_lora"
-        table.add_row(row["kind"], row["system"], str(row["batch"]), f"{row['median_s']:.3f}", f"{row['tokens_per_s']:.1f}", f"{row['vs_reference']:.2f}x", meaning)
+        overhead = "" if row["overhead_ms_per_token"] is None else f"{row['overhead_ms_per_token']:+.2f}"
+        table.add_row(
+            row["kind"], row["system"], str(row["batch"]), f"{row['median_s']:.3f}", f"{row['tokens_per_s']:.1f}",
+            f"{row['vs_reference']:.2f}x", meaning, overhead,
+        )
     console.print(table)
 
 
@@ -216,10 +225,9 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_title(kind)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    staging = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(staging, dpi=120)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     plt.close(fig)
-    staging.replace(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

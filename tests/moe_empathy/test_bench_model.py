@@ -16,3 +16,6 @@ def test_benchmark_ratios_are_against_the_right_reference():
     assert rows[("generate", "base")]["tokens_per_s"] == pytest.approx(5.0)
     assert rows[("generate", "ours")]["vs_reference"] == pytest.approx(0.5)
     assert rows[("train_step", "ours")]["vs_reference"] == pytest.approx(1.5)
+    assert rows[("generate", "ours")]["overhead_ms_per_token"] == pytest.approx((4.0 - 2.0) * 1e3 / 10)
+    assert rows[("generate", "base")]["overhead_ms_per_token"] == 0.0
+    assert rows[("train_step", "ours")]["overhead_ms_per_token"] is None
