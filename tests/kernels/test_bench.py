@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 
-from moe_empathy.kernels import bench
+from moe_empathy.kernels import bench, bench_measure
 
 
 def test_quick_run_on_cpu_writes_csv_and_plots(tmp_path, capsys):
@@ -38,5 +38,5 @@ def test_add_parser_registers_the_kernels_subcommand(tmp_path):
 
 
 def test_grid_skips_top_k_wider_than_the_experts():
-    points = bench.grid_points({**bench.QUICK_GRID, "experts": (1, 3), "modes": ("top2",), "tokens": (1,)})
+    points = bench_measure.grid_points({**bench_measure.QUICK_GRID, "experts": (1, 3), "modes": ("top2",), "tokens": (1,)})
     assert {p.experts for p in points} == {3}
