@@ -5,7 +5,8 @@ namespace ``torch.ops.moe_empathy``) are imported only when the Triton backend i
 used, so that ``TRITON_INTERPRET`` can still be set before they are defined.
 """
 
-from .dispatch import check_inputs, multi_lora
+from .dispatch import multi_lora
+from .inputs import MultiLoraInputs
 from .reference import densify_gate, multi_lora_loop, multi_lora_reference
 
-__all__ = ["multi_lora", "check_inputs", "multi_lora_reference", "multi_lora_loop", "densify_gate"]
+__all__ = ["multi_lora", "MultiLoraInputs", "multi_lora_reference", "multi_lora_loop", "densify_gate"]

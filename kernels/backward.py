@@ -100,10 +100,7 @@ def _launch(
     _weight_grad_kernel[grid](
         lhs,
         rhs,
-        routing.expert_ids if routing.segmented else lhs,
-        routing.perm if routing.segmented else lhs,
-        routing.block_start if routing.segmented else lhs,
-        routing.block_end if routing.segmented else lhs,
+        *routing.kernel_tensors(lhs),
         grad_w,
         routing.num_tokens,
         routing.num_blocks,

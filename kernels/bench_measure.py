@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import densify_gate, multi_lora_loop
+from .inputs import MultiLoraInputs
+from .reference import multi_lora_loop
 
 FULL_GRID = {
     "tokens": (1, 16, 128, 1024, 4096, 8192),
@@ -134,7 +135,7 @@ def _layer(method: str, inputs: dict, scaling: float):
             backend = "triton" if method == "triton" else "torch"
             return multi_lora(x, lora_A, lora_B, gate, scaling, expert_ids=expert_ids, out=y, backend=backend)
         if method == "loop":
-            dense = gate if expert_ids is None else densify_gate(gate, expert_ids, lora_A.shape[0])
+            dense = MultiLoraInputs(x, lora_A, lora_B, gate, scaling, expert_ids).dense_gate()
             return y + multi_lora_loop(x, lora_A, lora_B, dense, scaling)
         if method == "lora":
             return y + (x @ lora_A[0].t()) @ lora_B[0].t() * scaling

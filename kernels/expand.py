@@ -93,10 +93,7 @@ def _launch(
     _expand_kernel[grid](
         inter,
         weight,
-        routing.expert_ids if routing.segmented else inter,
-        routing.perm if routing.segmented else inter,
-        routing.block_start if routing.segmented else inter,
-        routing.block_end if routing.segmented else inter,
+        *routing.kernel_tensors(inter),
         base if base is not None else y,
         y,
         routing.num_tokens,

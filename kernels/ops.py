@@ -18,6 +18,8 @@ trace that op's data-dependent output size. The ops, all in the ``moe_empathy`` 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .backward import grad_lora_A, grad_lora_B
@@ -25,6 +27,9 @@ from .configs import block_m
 from .expand import expand, expand_grad_input
 from .routing import make_routing, segment_blocks
 from .shrink import shrink, shrink_grad
+
+if TYPE_CHECKING:
+    from .inputs import MultiLoraInputs
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -209,33 +214,22 @@ def _num_slots(routing: list[torch.Tensor], num_experts: int) -> int:
     return routing[0].shape[1] if routing else num_experts
 
 
-def multi_lora_triton(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    gate: torch.Tensor,
-    scaling: float,
-    expert_ids: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def multi_lora_triton(inputs: MultiLoraInputs) -> torch.Tensor:
     """Triton path of :func:`~moe_empathy.kernels.multi_lora` (inputs already checked).
 
     With ``out`` and a gradient to compute, the differentiable op writes ``out + delta`` into
     a new tensor that is copied back into ``out``; without a gradient the delta is added in
     place.
 
-    Args:
-        x: ``[T, in]``; lora_A: ``[E, r, in]``; lora_B: ``[E, out, r]``;
-        gate: ``[T, E]`` or ``[T, k]``; scaling: ``alpha / r``;
-        expert_ids: ``[T, k]`` or None; out: ``[T, out]`` accumulated into, or None.
-
     Returns:
         ``out`` with the delta added, or a new ``[T, out]`` tensor.
     """
+    x, lora_A, lora_B, gate, out = inputs.x, inputs.lora_A, inputs.lora_B, inputs.gate, inputs.out
+    scaling = float(inputs.scaling)
     if x.shape[0] == 0:
         return out if out is not None else x.new_zeros(0, lora_B.shape[1])
-    routing = [] if expert_ids is None else torch.ops.moe_empathy.token_blocks(expert_ids)
     ops = torch.ops.moe_empathy
+    routing = [] if inputs.expert_ids is None else ops.token_blocks(inputs.expert_ids)
     if out is None:
         return ops.multi_lora(x, lora_A, lora_B, gate, routing, None, scaling)[0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, gate, out)):

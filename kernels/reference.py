@@ -27,31 +27,20 @@ def densify_gate(gate: torch.Tensor, expert_ids: torch.Tensor, num_experts: int)
 
 
 def multi_lora_reference(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    gate: torch.Tensor,
-    scaling: float,
-    expert_ids: torch.Tensor | None = None,
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gate: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """``delta[t] = scaling * sum_e gate[t, e] * B_e @ A_e @ x[t]``, differentiable.
 
     Args:
-        x: ``[tokens, in]`` inputs.
-        lora_A: ``[E, r, in]`` stacked down-projections.
-        lora_B: ``[E, out, r]`` stacked up-projections.
-        gate: ``[tokens, E]`` dense weights, or ``[tokens, k]`` with ``expert_ids``.
+        x: ``[tokens, in]``; lora_A: ``[E, r, in]``; lora_B: ``[E, out, r]``;
+        gate: ``[tokens, E]`` dense weights (top-k routing: :func:`densify_gate` first);
         scaling: LoRA ``alpha / r``.
-        expert_ids: optional ``[tokens, k]`` ids for top-k routing.
 
     Returns:
         ``[tokens, out]`` delta in ``x``'s dtype.
     """
-    num_experts, rank, in_features = lora_A.shape
-    if expert_ids is not None:
-        gate = densify_gate(gate, expert_ids, num_experts)
     a_cat, b_cat_t = concatenate_experts(lora_A, lora_B)
-    return (x @ a_cat.t()) * row_scale(gate.to(x.dtype), rank, scaling) @ b_cat_t  # [tokens, out]
+    return (x @ a_cat.t()) * row_scale(gate.to(x.dtype), lora_A.shape[1], scaling) @ b_cat_t  # [tokens, out]
 
 
 def concatenate_experts(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,18 +72,10 @@ def row_scale(gate: torch.Tensor, rank: int, scaling: float) -> torch.Tensor:
 
 
 def multi_lora_loop(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    gate: torch.Tensor,
-    scaling: float,
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gate: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """The per-expert Python loop of peft / X-LoRA, kept as a benchmark baseline.
-
-    Args:
-        x: ``[tokens, in]``; lora_A: ``[E, r, in]``; lora_B: ``[E, out, r]``;
-        gate: ``[tokens, E]``; scaling: ``alpha / r``.
-    """
+    """The per-expert Python loop of peft / X-LoRA, kept as a benchmark baseline; arguments as
+    :func:`multi_lora_reference`'s."""
     delta = x.new_zeros(x.shape[0], lora_B.shape[1])
     for e in range(lora_A.shape[0]):
         delta = delta + (x @ lora_A[e].t() @ lora_B[e].t()) * (gate[:, e : e + 1] * scaling)

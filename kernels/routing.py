@@ -45,6 +45,13 @@ class Routing:
     block_start: torch.Tensor | None = None
     block_end: torch.Tensor | None = None
 
+    def kernel_tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``expert_ids, perm, block_start, block_end`` as a kernel's pointer arguments; dense
+        routing has none, so ``placeholder`` (a tensor on the kernel's device, never read) stands in."""
+        if self.segmented:
+            return self.expert_ids, self.perm, self.block_start, self.block_end
+        return (placeholder,) * 4
+
 
 def segment_blocks(expert_ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segments of tokens sharing their top-k expert ids, cut into blocks.

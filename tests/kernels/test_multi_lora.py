@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_empathy.kernels import configs, multi_lora, multi_lora_reference
+from moe_empathy.kernels import MultiLoraInputs, configs, multi_lora, multi_lora_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -142,7 +142,8 @@ def test_forward_without_grad(case, poisoned_alloc):
     x, lora_A, lora_B, gate, expert_ids, base, _ = _inputs(case, seed)
     with torch.no_grad():
         result = multi_lora(x, lora_A, lora_B, gate, 2.0, expert_ids=expert_ids, backend="triton")
-    expected = multi_lora_reference(x, lora_A, lora_B, gate, 2.0, expert_ids=expert_ids)
+    dense_gate = MultiLoraInputs(x, lora_A, lora_B, gate, 2.0, expert_ids).dense_gate()
+    expected = multi_lora_reference(x, lora_A, lora_B, dense_gate, 2.0)
     _assert_close(result, expected, x.dtype, "output", seed)
 
 

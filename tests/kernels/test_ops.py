@@ -80,16 +80,18 @@ def test_inplace_op_equals_functional_op_on_a_transposed_out():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("size", SIZES[:2], ids=_size_id)
-def test_compiled_multi_lora_equals_eager_with_gradients(size):
-    """Dynamo and AOTAutograd take the Triton call without a graph break: fake impls and the
-    registered backward, including top-k routing's data-dependent block count."""
+def test_compiled_multi_lora_equals_eager_with_gradients(size, backend):
+    """Dynamo and AOTAutograd take the call without a graph break: on the Triton path the fake
+    impls and the registered backward, including top-k routing's data-dependent block count;
+    on both, the checked-inputs record that ``multi_lora`` builds."""
     torch._dynamo.reset()
     x, lora_A, lora_B, gate, expert_ids, base = _inputs(size)
 
     def step(x, lora_A, lora_B, gate, base, expert_ids):
         out = base * 1.0  # a non-leaf, like a base layer's output
-        y = multi_lora(x, lora_A, lora_B, gate, 0.5, expert_ids=expert_ids, out=out, backend="triton", validate=False)
+        y = multi_lora(x, lora_A, lora_B, gate, 0.5, expert_ids=expert_ids, out=out, backend=backend, validate=False)
         return y.sin().sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
