@@ -265,34 +265,30 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
         finally:
             self._routing_slot.plan = None
         lm = lm_loss(outputs.logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
-        result = MoeEmpathyCausalLMOutputWithPast(
-            loss=lm,
+        loss, fields = lm, {}
+        if call is not None and call.output is None:  # a decided turn continues: no new decision, no gate loss
+            fields = {"gate_weights": gate_state.turn_weights, "gate_state": gate_state}
+        elif call is not None:
+            fields, losses = gate_fields(call.output, gate_labels, self.config)
+            if labels is not None:
+                loss = lm + losses.aux
+            elif gate_labels is not None:
+                loss = losses.aux
+        if call is not None:
+            # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
+            attach_gate_state(outputs.cache, fields["gate_state"])
+            if self._routing_log is not None:
+                self._routing_log.add(call.output, forced=call.forced is not None)
+        # One constructor call: a ModelOutput's attribute writes cost microseconds each, per decode step.
+        return MoeEmpathyCausalLMOutputWithPast(
+            loss=loss,
             lm_loss=lm,
             logits=outputs.logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **fields,
         )
-        if call is None:
-            return result
-        if call.output is None:  # a decided turn continues: no new decision, no gate loss
-            result.gate_weights, result.gate_state = gate_state.turn_weights, gate_state
-            attach_gate_state(outputs.cache, gate_state)
-            if self._routing_log is not None:
-                self._routing_log.add(None, forced=call.forced is not None)
-            return result
-        fields, losses = gate_fields(call.output, gate_labels, self.config)
-        for name, value in fields.items():
-            setattr(result, name, value)
-        # The gate's state travels with the KV cache it belongs to (generate, multi-turn rollouts).
-        attach_gate_state(outputs.cache, call.output.state)
-        if labels is not None:
-            result.loss = lm + losses.aux
-        elif gate_labels is not None:
-            result.loss = losses.aux
-        if self._routing_log is not None:
-            self._routing_log.add(call.output, forced=call.forced is not None)
-        return result
 
     # ----------------------------------------------------------------- embeddings and checkpointing
 
