@@ -85,7 +85,8 @@ class WriteFaults:
         import safetensors.torch
         import torch
 
-        import moe_empathy.modeling_moe_empathy as modeling
+        import moe_empathy.checkpoint as checkpoint
+        import moe_empathy.peft_io as peft_io
 
         self.steps: list[str] = []
         self.active = False
@@ -115,7 +116,8 @@ class WriteFaults:
         monkeypatch.setattr(builtins, "open", opened)
         monkeypatch.setattr(torch, "save", saved)
         monkeypatch.setattr(safetensors.torch, "save_file", saved_tensors)
-        monkeypatch.setattr(modeling, "save_file", saved_tensors)
+        for module in (checkpoint, peft_io):  # the modules that write safetensors files (imported by name)
+            monkeypatch.setattr(module, "save_file", saved_tensors)
         for module, name in ((os, "mkdir"), (os, "replace"), (os, "rename"), (shutil, "rmtree")):
             real = getattr(module, name)
             monkeypatch.setattr(module, name, self._counted(name, real))
