@@ -27,9 +27,10 @@ from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
-from .config import TINY_BASE, TrainConfig, model_config_kwargs
+from .config import TINY_BASE, TrainConfig, model_config_kwargs, training_arguments
+from .hf_trainer import EncodedDialogues
+from .run import copy_model_files, run_training, write_summary
 from .synth_plan import SPLITS
-from .trainer import EncodedDialogues, copy_model_files, run_training, training_arguments, write_summary
 
 
 # --------------------------------------------------------------------- models

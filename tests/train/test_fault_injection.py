@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
+from moe_empathy.train.hf_trainer import MoeEmpathyTrainer
+from moe_empathy.train.run import resolve_resume
+from moe_empathy.train.trainer import train
 from train_support import tiny_config
 
 pytestmark = pytest.mark.integration

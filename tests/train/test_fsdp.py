@@ -16,7 +16,7 @@ from transformers.integrations.accelerate import infer_auto_device_map
 from moe_empathy.layers import MultiLoraLinear
 from moe_empathy.checkpoint import COMPACT_WEIGHTS
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
-from moe_empathy.train.trainer import MoeEmpathyTrainer
+from moe_empathy.train.hf_trainer import MoeEmpathyTrainer
 
 # Llama-3.1-8B's shape.
 LLAMA_8B = dict(

@@ -14,7 +14,9 @@ from moe_empathy import register
 
 register()  # AutoModelForCausalLM loads our checkpoints
 from moe_empathy import MoeEmpathyForCausalLM
-from moe_empathy.train.trainer import MoeEmpathyTrainer, resolve_resume, train
+from moe_empathy.train.hf_trainer import EncodedDialogues, MoeEmpathyTrainer
+from moe_empathy.train.run import resolve_resume
+from moe_empathy.train.trainer import train
 from train_support import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -128,7 +130,6 @@ def test_the_trainers_objective_is_the_per_step_formula(tokenizer, tmp_path):
 
     from moe_empathy.train.collate import IGNORE_INDEX, DialogueCollator, encode_dialogue
     from moe_empathy.train.synth import SynthConfig, generate
-    from moe_empathy.train.trainer import EncodedDialogues
     from moe_empathy.turns import find_turn_markers
 
     records = generate(SynthConfig(dialogues=20, min_turns=2, max_turns=3, seed=5))["train"][:4]
