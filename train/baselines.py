@@ -27,7 +27,8 @@ from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
-from .config import TINY_BASE, TrainConfig, model_config_kwargs, training_arguments
+from .config import TrainConfig, training_arguments
+from .config_sections import TINY_BASE, model_config_kwargs
 from .hf_trainer import EncodedDialogues
 from .run import copy_model_files, run_training, write_summary
 from .synth_plan import SPLITS

@@ -31,14 +31,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moe_empathy.losses import IGNORE_INDEX, lm_loss_sum, next_token_targets
+from moe_empathy.turns import find_turn_markers
 from moe_empathy.utils import atomic_path, atomic_write_csv, atomic_write_text
 
 from .baselines import gated_model, load_base_model, load_tokenizer
 from .collate import DialogueCollator, encode_dialogue
-from .config import PREFIX_CACHE_DTYPES, load_config, training_arguments
+from .config import load_config, training_arguments
+from .config_sections import PREFIX_CACHE_DTYPES
 from .prefix_cache import PrefixCache, forward_from_prefix
 from .synth import SynthConfig, generate
-from moe_empathy.turns import find_turn_markers
 
 PATHS = ("full", "cached, first epoch", "cached, later epochs")
 

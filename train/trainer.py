@@ -22,7 +22,8 @@ from moe_empathy.errors import run_command
 from moe_empathy.utils import atomic_write_text
 
 from .baselines import run_method
-from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config, merge_config_values
+from .config import BUDGET_KEYS, TrainConfig, changed_keys, load_config
+from .config_yaml import merge_config_values
 from .hf_trainer import TRAINER_STATE_NAME
 
 CONFIG_RECORD = "config.yaml"  # the config a run was started with (written once, checked on resume)

@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.train.config_sections import TinyBaseSection
 
 DIALOGUE = [
     {"role": "user", "content": "My laptop will not boot after the update."},
@@ -22,20 +23,9 @@ DIALOGUE = [
 
 def tiny_base(seed: int = 0, vocab_size: int = 49152) -> LlamaForCausalLM:
     """A random 4-layer Llama, hidden 32, with tied embeddings like SmolLM2."""
+    config = TinyBaseSection(hidden_size=32, intermediate_size=64).llama_config(vocab_size)  # the training's tiny base, narrower
+    config.max_position_embeddings = 512
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        max_position_embeddings=512,
-    )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = 2
     model.generation_config.eos_token_id = 2

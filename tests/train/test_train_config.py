@@ -187,7 +187,7 @@ def test_resume_takes_keys_added_since_the_run_started_as_their_defaults(corpus_
 def test_the_model_section_is_moe_empathy_configs_fields_and_reaches_the_model(tokenizer, tmp_path):
     from moe_empathy.configuration_moe_empathy import MoeEmpathyConfig
     from moe_empathy.train.baselines import gated_model, tiny_llama
-    from moe_empathy.train.config import MODEL_FROM_BASE, BaseSection, ModelSection
+    from moe_empathy.train.config_sections import MODEL_FROM_BASE, BaseSection, ModelSection
 
     own = set(MoeEmpathyConfig.__annotations__) - set(MODEL_FROM_BASE)
     names = {f.name for f in dataclasses.fields(ModelSection)} - {f.name for f in dataclasses.fields(BaseSection)}
@@ -205,7 +205,8 @@ def test_the_model_section_is_moe_empathy_configs_fields_and_reaches_the_model(t
 def test_the_training_section_is_training_arguments(tmp_path):
     from transformers import TrainingArguments
 
-    from moe_empathy.train.config import SET_BY_TRAINER, TrainingExtras, TrainingSection, training_arguments
+    from moe_empathy.train.config import training_arguments
+    from moe_empathy.train.config_sections import SET_BY_TRAINER, TrainingExtras, TrainingSection
 
     extras = {f.name for f in dataclasses.fields(TrainingExtras)}
     names = {f.name for f in dataclasses.fields(TrainingSection)} - extras

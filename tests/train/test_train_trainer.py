@@ -126,9 +126,10 @@ def test_the_trainers_objective_is_the_per_step_formula(tokenizer, tmp_path):
     labelled turns, plus the load-balancing loss: the objective as it was written out before the
     losses had a module of their own, and its gradients."""
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from transformers import LlamaForCausalLM, TrainingArguments
 
     from moe_empathy.train.collate import IGNORE_INDEX, DialogueCollator, encode_dialogue
+    from moe_empathy.train.config_sections import TinyBaseSection
     from moe_empathy.train.synth import SynthConfig, generate
     from moe_empathy.turns import find_turn_markers
 
@@ -136,8 +137,7 @@ def test_the_trainers_objective_is_the_per_step_formula(tokenizer, tmp_path):
     rows = [encode_dialogue(r, tokenizer, find_turn_markers(tokenizer), NAMES, 512) for r in records]
     batch = DialogueCollator(pad_token_id=2)(rows)
     torch.manual_seed(0)
-    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-    base = LlamaForCausalLM(LlamaConfig(**shape, vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=2))
+    base = LlamaForCausalLM(TinyBaseSection(hidden_size=32, intermediate_size=64).llama_config(len(tokenizer)))
     model = MoeEmpathyForCausalLM.from_base(base, tokenizer=tokenizer, lora_rank=4, gate_layer=1, gate_temperature=0.7).train()
     with torch.no_grad():
         for linear in model.experts.values():
