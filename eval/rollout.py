@@ -31,14 +31,13 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 from moe_empathy.cache import GrowingCache, gate_state_of
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 
+from .chat_tokens import RowTokens, TurnTokens, batch_tensors, eos_ids_of, split_reply
 from .systems import EvalSystem
 
 if TYPE_CHECKING:
     from .progress import RunProgress
 
 MODES = ("cached", "reencode")
-_PROBE_USER = "MOEPROBEUSER"
-_PROBE_REPLY = "MOEPROBEREPLY"
 
 
 @dataclass
@@ -117,102 +116,6 @@ class RolloutStats:
         self.decode_tokens += other.decode_tokens
 
 
-class TurnTokens:
-    """The token ids the chat template puts around each turn, found by rendering probes.
-
-    Args:
-        tokenizer: a tokenizer with a chat template (whose renderings of a dialogue are
-            prefixes of its continuations).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        history = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
-        closed = self._render(history, False)
-        opened = self._render(history + [{"role": "user", "content": _PROBE_USER}], True)
-        if not opened.startswith(closed) or _PROBE_REPLY not in closed:
-            raise ValueError("the chat template does not render a dialogue as a prefix of its continuation; rollouts cannot continue it")
-        # What the template writes after a reply's text (e.g. "<|im_end|>\n").
-        self.closing = closed.split(_PROBE_REPLY, 1)[1]
-        # The user message with its markers and the assistant header; {} marks the content.
-        self.user_turn = opened[len(closed) :].replace(_PROBE_USER, "{}", 1)
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def first(self, system: str | None, user: str) -> list[int]:
-        """The prompt of the first turn: system message (if any), user message, assistant header."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return self._encode(self._render(messages, True))
-
-    def next(self, user: str, stop_text: str = "") -> tuple[list[int], list[int]]:
-        """What follows a generated reply: the rest of its closing (part of the reply's turn),
-        then the next user message with the assistant header (the new turn).
-
-        Args:
-            user: the next user message.
-            stop_text: the token that ended the reply (e.g. ``<|im_end|>``), "" when the reply
-                was cut at the length cap.
-        """
-        closing = self.closing
-        if stop_text and closing.startswith(stop_text):
-            closing = closing[len(stop_text) :]
-        return (self._encode(closing) if closing else []), self._encode(self.user_turn.replace("{}", user, 1))
-
-
-def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    """``[batch, width]`` of rows left-padded with ``value``."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([[value] * (width - len(r)) + r for r in rows], dtype=torch.long)
-
-
-@dataclass
-class _Tokens:
-    """A row's tokens with their turn ids and gate mask (what the gate may read)."""
-
-    ids: list[int] = field(default_factory=list)
-    turns: list[int] = field(default_factory=list)
-    readable: list[int] = field(default_factory=list)
-
-    def add(self, ids: list[int], turn: int, readable: int) -> "_Tokens":
-        self.ids += ids
-        self.turns += [turn] * len(ids)
-        self.readable += [readable] * len(ids)
-        return self
-
-    def __add__(self, other: "_Tokens") -> "_Tokens":
-        return _Tokens(self.ids + other.ids, self.turns + other.turns, self.readable + other.readable)
-
-
-def _batch(rows: list[_Tokens], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded ``[batch, width]`` ``input_ids``, ``attention_mask``, ``turn_ids`` (-1 on
-    padding) and ``gate_mask``."""
-    return {
-        "input_ids": _left_pad([r.ids for r in rows], pad_id),
-        "attention_mask": _left_pad([[1] * len(r.ids) for r in rows], 0),
-        "turn_ids": _left_pad([r.turns for r in rows], -1),
-        "gate_mask": _left_pad([r.readable for r in rows], 0),
-    }
-
-
-def _split_reply(new: list[int], eos_ids: set[int]) -> tuple[int, int | None]:
-    """Length of a generated reply up to and including its first stop token, and that token
-    (None when the reply was cut at the length cap)."""
-    for i, token in enumerate(new):
-        if token in eos_ids:
-            return i + 1, token
-    return len(new), None
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-
-
 def rollout_batch(
     system: EvalSystem,
     records: list[dict],
@@ -244,7 +147,7 @@ def rollout_batch(
     num_turns = counts.pop()
     model = system.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_ids_of(model, tokenizer)
     template = TurnTokens(tokenizer)
     results = [
         DialogueRollout(
@@ -261,7 +164,7 @@ def rollout_batch(
     names = getattr(model, "expert_names", None)
     # The one-hot mixture of each row's selected expert, for systems that select one.
     forced = [[float(n == system.forced_expert(r)) for n in names] for r in records] if system.forced_expert else None
-    real = [_Tokens() for _ in records]  # every row's tokens so far, without padding
+    real = [RowTokens() for _ in records]  # every row's tokens so far, without padding
     reply_ids: list[list[list[int]]] = [[] for _ in records]  # each row's replies so far, stop tokens left out (the guard's input)
     stops = [""] * len(records)  # the token text that ended each row's last reply
     cache = GrowingCache(model.config.get_text_config()) if mode == "cached" else None
@@ -275,17 +178,17 @@ def rollout_batch(
             chunks = []
             for b, (r, res) in enumerate(zip(records, results)):
                 if turn == 0:
-                    chunks.append(_Tokens().add(template.first(system.system_message(r), res.users[0]), 0, 1))
+                    chunks.append(RowTokens().add(template.first(system.system_message(r), res.users[0]), 0, 1))
                 else:
                     closing, opening = template.next(res.users[turn], stops[b])
-                    chunks.append(_Tokens().add(closing, turn - 1, 0).add(opening, turn, 1))
+                    chunks.append(RowTokens().add(closing, turn - 1, 0).add(opening, turn, 1))
             if mode == "cached":
-                chunk = _batch(chunks, pad_id)
+                chunk = batch_tensors(chunks, pad_id)
                 carried = chunk if carried is None else {k: torch.cat([carried[k], chunk[k]], 1) for k in chunk}
                 inputs = carried
                 prefill = inputs["input_ids"].shape[1] - cache.get_seq_length()
             else:
-                inputs = _batch([r + c for r, c in zip(real, chunks)], pad_id)
+                inputs = batch_tensors([r + c for r, c in zip(real, chunks)], pad_id)
                 prefill = inputs["input_ids"].shape[1]
             given = inputs if with_turns else {k: inputs[k] for k in ("input_ids", "attention_mask")}
             prompt_width = inputs["input_ids"].shape[1]
@@ -296,7 +199,7 @@ def rollout_batch(
             new_mask = torch.zeros_like(new)
             for b, res in enumerate(results):
                 row = new[b].tolist()
-                length, stop = _split_reply(row, eos_ids)
+                length, stop = split_reply(row, eos_ids)
                 stops[b] = tokenizer.convert_ids_to_tokens(stop) if stop is not None else ""
                 new_mask[b, :length] = 1
                 real[b] = real[b] + chunks[b].add(row[:length], turn, 0)
@@ -419,7 +322,7 @@ def rollout(
                 if journal is not None:
                     journal.record(key, index, batch, out, counted)
                 if on_batch is not None:
-                    on_batch(key, index)
+                    onbatch_tensors(key, index)
             played.update(zip(batch, out))
         results[system.name] = [played[i] for i in range(len(records))]
     return results, stats

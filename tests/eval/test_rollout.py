@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_empathy.eval.rollout import TurnTokens, make_batches, rollout, rollout_batch
+from moe_empathy.eval.chat_tokens import TurnTokens
+from moe_empathy.eval.rollout import make_batches, rollout, rollout_batch
 from moe_empathy.eval.systems import build_systems
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moe_empathy.modeling_moe_empathy as modeling
+import moe_empathy.checkpoint as checkpoint
 from moe_empathy import MoeEmpathyConfig, MoeEmpathyForCausalLM, encode_chat
 
 from .conftest import randomise_experts, tiny_base
@@ -84,7 +84,7 @@ def test_failed_save_leaves_the_earlier_checkpoint_intact(model, tokenizer, dial
     with torch.no_grad():
         for linear in model.experts.values():
             linear.lora_B.mul_(2)
-    monkeypatch.setattr(modeling, "save_file", broken)
+    monkeypatch.setattr(checkpoint, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "ckpt", compact=True)
     assert (tmp_path / "ckpt" / "experts.safetensors").read_bytes() == saved
@@ -125,7 +125,7 @@ def test_a_compact_checkpoint_honours_dtype_and_a_one_device_map(compact_dir, na
 
 
 def test_a_damaged_compact_checkpoint_names_the_file(compact_dir):
-    weights = compact_dir / modeling.COMPACT_WEIGHTS
+    weights = compact_dir / checkpoint.COMPACT_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"experts\.safetensors cannot be read .* save the checkpoint again, or download it again"):
         AutoModelForCausalLM.from_pretrained(compact_dir)
