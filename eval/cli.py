@@ -47,13 +47,12 @@ def check_scorer_names(names: list[str]) -> list[str]:
     return names
 
 
-def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
-    """Registers ``run`` under the ``eval`` command group.
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``eval run``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        eval_subparsers: the ``eval`` group's sub-parsers.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = eval_subparsers.add_parser("run", help="roll out systems on held-out dialogues; write report.md, metrics.json and plots")
     parser.add_argument("--model", required=True, help="gated model folder (written by save_pretrained or `moe-empathy train`)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     parser.add_argument("--split", default="test", help="split of the dialogues (default test)")
@@ -80,7 +79,6 @@ def add_run_parser(eval_subparsers) -> argparse.ArgumentParser:
     targets.add_argument("--target-minutes", type=float, default=30.0,
                          help=f"time budget of a full-size run ({FULL_RUN.dialogues} dialogues x {FULL_RUN.turns} turns x {FULL_RUN.systems} systems, {FULL_RUN.max_new_tokens} new tokens)")
     parser.set_defaults(func=run_eval)
-    return parser
 
 
 def _resolved(path: str | Path | None) -> str | None:
@@ -253,19 +251,17 @@ def _print_summary(console: Console, metrics: dict) -> None:
 # --------------------------------------------------------------------- inspect
 
 
-def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the top-level ``inspect`` command.
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``inspect``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the ``moe-empathy`` command's sub-parsers.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = subparsers.add_parser("inspect", help="show one dialogue's per-turn gate weights (terminal table and PNG)")
     parser.add_argument("--model", required=True, help="gated model folder")
     parser.add_argument("--dialogue", required=True, help=".json or .jsonl file of dialogue records (schema of `moe-empathy synth`)")
     parser.add_argument("--index", type=int, default=0, help="which record of the file")
     parser.add_argument("--png", default=None, help="where to write the heatmap (default: <dialogue file stem>.gate.png)")
     parser.set_defaults(func=run_inspect)
-    return parser
 
 
 def inspect_dialogue(model, tokenizer, record: dict) -> list[list[float]]:

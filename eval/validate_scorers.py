@@ -79,30 +79,28 @@ def _fmt(value: float | None, spec: str) -> str:
     return "constant" if value is None else format(value, spec)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``scorers`` subcommand (``moe-empathy eval scorers``).
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``eval scorers``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    p = subparsers.add_parser("scorers", help="Spearman correlation of the empathy scorers with hand labels")
-    p.add_argument("--scorers", default="lexical,embedding,judge", help="comma-separated scorer names")
-    p.add_argument("--judge-model", default=None,
+    parser.add_argument("--scorers", default="lexical,embedding,judge", help="comma-separated scorer names")
+    parser.add_argument("--judge-model", default=None,
                    help="folder of a local Hugging Face chat model for the judge (default: embedded SmolLM2)")
-    p.add_argument("--judge-endpoint", default=None,
+    parser.add_argument("--judge-endpoint", default=None,
                    help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) instead of a local model")
-    p.add_argument("--judge-endpoint-model", default=None, help="model name sent to --judge-endpoint")
-    p.add_argument("--data", default=None, help="hand-labelled JSONL (default: the packaged set)")
-    p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    p.set_defaults(func=run_scorers)
-    return p
+    parser.add_argument("--judge-endpoint-model", default=None, help="model name sent to --judge-endpoint")
+    parser.add_argument("--data", default=None, help="hand-labelled JSONL (default: the packaged set)")
+    parser.add_argument("--json", default=None, help="also write the report to this JSON file")
+    parser.set_defaults(func=run_scorers)
 
 
 def run_scorers(args: argparse.Namespace) -> dict:
     """Run ``moe-empathy eval scorers``.
 
     Args:
-        args: the parsed arguments of :func:`add_parser`.
+        args: the parsed arguments of :func:`add_arguments`.
     """
     from rich.console import Console
     from rich.table import Table

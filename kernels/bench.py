@@ -16,24 +16,16 @@ from .bench_measure import DTYPES, FULL_GRID, METHODS, QUICK_GRID, Row, run_benc
 from .bench_report import plot, print_table, write_csv
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the ``kernels`` benchmark on ``subparsers`` (``moe-empathy bench kernels``).
-
-    The parser's ``func`` default runs it: ``args.func(args)``.
-    """
-    parser = subparsers.add_parser(
-        "kernels", help="microbenchmark of the multi-LoRA kernels", description=__doc__.split("\n\n")[0]
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=run_from_args)
-    return parser
-
-
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``bench kernels``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
     parser.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
     parser.add_argument("--tokens", type=_ints, help="comma-separated token counts (default: the full grid)")
     parser.add_argument("--hidden", type=_ints, help="comma-separated hidden sizes")
@@ -48,6 +40,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=25, help="warm-up milliseconds")
     parser.add_argument("--rep", type=int, default=100, help="timed milliseconds a measurement")
     parser.add_argument("--output-dir", type=Path, default=Path("bench-kernels"), help="where the CSV and PNGs go")
+    parser.set_defaults(func=run_from_args)
 
 
 def run_from_args(args: argparse.Namespace) -> list[Row]:
@@ -93,7 +86,7 @@ def run_from_args(args: argparse.Namespace) -> list[Row]:
 def main(argv: list[str] | None = None) -> list[Row]:
     """Entry point of ``python -m moe_empathy.kernels.bench``."""
     parser = argparse.ArgumentParser(prog="python -m moe_empathy.kernels.bench", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
+    add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 

@@ -258,6 +258,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``bench decode``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="rows per decode step")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048], help="cached tokens per row")
     parser.add_argument("--expert-layers", type=int, nargs="+", default=list(EXPERT_LAYER_COUNTS), help="top decoder layers with experts, one gated system each")
@@ -268,10 +273,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-profile", action="store_true", help="no torch.profiler report")
     parser.add_argument("--output-dir", default="bench-decode", help="where the CSV, PNG and profile go")
     parser.set_defaults(func=run)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``decode`` under ``moe-empathy bench``."""
-    parser = subparsers.add_parser("decode", help="per-token decode overhead of the gated model against the base")
-    add_arguments(parser)
-    return parser

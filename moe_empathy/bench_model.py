@@ -231,6 +231,11 @@ def plot(path: Path, rows: list[dict]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``bench model``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy new tokens per generation")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter and expert")
@@ -242,10 +247,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output-dir", default="bench-model", help="where the CSV and PNG go")
     parser.set_defaults(func=run)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``model`` under ``moe-empathy bench``."""
-    parser = subparsers.add_parser("model", help="generation and training speed against peft LoRA and X-LoRA")
-    add_arguments(parser)
-    return parser

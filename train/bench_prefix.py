@@ -269,7 +269,12 @@ def _print(console: Console, summary: dict) -> None:
             )
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``bench prefix``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
     parser.add_argument("--config", default="train/configs/smollm2.yaml", help="training config to take the model from")
     parser.add_argument("--gate-layers", default="10,20,25", help="gate layers measured at the shortest length")
     parser.add_argument("--goal-layer", type=int, default=20, help="the gate layer measured at every length")
@@ -295,17 +300,10 @@ def run_bench_command(args: argparse.Namespace) -> dict:
     return run_bench(args.config, numbers["gate_layers"], sorted(numbers["lengths"]), args.goal_layer, args.steps, args.warmup, args.out)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``prefix`` under ``moe-empathy bench``."""
-    parser = subparsers.add_parser("prefix", help="training speed on a cached frozen prefix against the full forward")
-    _add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m moe_empathy.train.bench_prefix``: the same as ``moe-empathy bench prefix``."""
     parser = argparse.ArgumentParser(prog="moe_empathy.train.bench_prefix", description=__doc__.split("\n")[0])
-    _add_arguments(parser)
+    add_arguments(parser)
     run_bench_command(parser.parse_args(argv))
 
 

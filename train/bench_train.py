@@ -132,19 +132,17 @@ def run_bench(config_path: str, steps: int, warmup: int, output: str | None) -> 
     return result
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``bench train``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
     parser.add_argument("--config", default="train/configs/smollm2.yaml", help="training config to take the model and data from")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.set_defaults(func=run)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``train`` under ``moe-empathy bench``."""
-    parser = subparsers.add_parser("train", help="training throughput of the gated model against a single LoRA and peft X-LoRA")
-    _add_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -157,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """``python -m moe_empathy.train.bench_train``: the same as ``moe-empathy bench train``."""
     parser = argparse.ArgumentParser(prog="moe_empathy.train.bench_train", description=__doc__.split("\n")[0])
-    _add_arguments(parser)
+    add_arguments(parser)
     run(parser.parse_args(argv))
 
 

@@ -22,37 +22,35 @@ from .synth_template import generate
 from .taxonomy import TASKS
 
 # the command, and the names that callers (training, evaluation, benchmarks) use to make a corpus
-__all__ = ["MAX_TURNS", "SynthConfig", "add_parser", "generate", "run_synth", "write_corpus"]
+__all__ = ["MAX_TURNS", "SynthConfig", "add_arguments", "generate", "run_synth", "write_corpus"]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``synth`` subcommand.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``synth``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    p = subparsers.add_parser("synth", help="generate synthetic multi-turn empathy dialogues")
-    p.add_argument("--out", required=True, help="output folder (DatasetDict + jsonl/ + README.md)")
-    p.add_argument("--dialogues", type=int, default=1000, help="number of dialogues (all splits)")
-    p.add_argument("--min-turns", type=int, default=2, help="fewest exchanges per dialogue")
-    p.add_argument("--max-turns", type=int, default=12, help=f"most exchanges per dialogue (<= {MAX_TURNS})")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
-    p.add_argument("--backend", choices=("template", "llm"), default="template")
-    p.add_argument("--model", default=None,
+    parser.add_argument("--out", required=True, help="output folder (DatasetDict + jsonl/ + README.md)")
+    parser.add_argument("--dialogues", type=int, default=1000, help="number of dialogues (all splits)")
+    parser.add_argument("--min-turns", type=int, default=2, help="fewest exchanges per dialogue")
+    parser.add_argument("--max-turns", type=int, default=12, help=f"most exchanges per dialogue (<= {MAX_TURNS})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    parser.add_argument("--backend", choices=("template", "llm"), default="template")
+    parser.add_argument("--model", default=None,
                    help="llm backend: folder of a local Hugging Face chat model (default: embedded SmolLM2)")
-    p.add_argument("--batch-size", type=int, default=8, help="llm backend: dialogues generated together")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="llm backend: tokens per message")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier corpus written by this command in --out")
-    p.set_defaults(func=run_synth)
-    return p
+    parser.add_argument("--batch-size", type=int, default=8, help="llm backend: dialogues generated together")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="llm backend: tokens per message")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier corpus written by this command in --out")
+    parser.set_defaults(func=run_synth)
 
 
 def run_synth(args: argparse.Namespace) -> dict:
     """Run the ``synth`` subcommand.
 
     Args:
-        args: the parsed arguments of :func:`add_parser`.
+        args: the parsed arguments of :func:`add_arguments`.
     """
     config = SynthConfig(
         dialogues=args.dialogues, min_turns=args.min_turns, max_turns=args.max_turns,

@@ -94,30 +94,24 @@ def check_resume_config(config: TrainConfig, resume: str | os.PathLike) -> None:
 # --------------------------------------------------------------------- command line
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the ``train`` subcommand.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``train``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = subparsers.add_parser("train", help="train the experts and the gate (or a baseline) from a YAML config")
-    _add_arguments(parser)
-    parser.set_defaults(func=run_train_command)
-    return parser
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a YAML training config, e.g. train/configs/tiny.yaml")
     parser.add_argument("--output", default=None, help="run folder (default: training.output_dir of the config)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: training.max_steps)")
     parser.add_argument("--resume", default=None, help="a checkpoint-N folder, or a run folder to resume from its newest checkpoint")
+    parser.set_defaults(func=run_train_command)
 
 
 def run_train_command(args: argparse.Namespace) -> dict:
     """Runs the ``train`` subcommand.
 
     Args:
-        args: the parsed arguments of :func:`add_parser`.
+        args: the parsed arguments of :func:`add_arguments`.
     """
     config = load_config(args.config)
     summary = train(config, output_dir=args.output, max_steps=args.max_steps, resume=args.resume)
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m moe_empathy.train.trainer --config ...`` (the entry point for ``accelerate launch``);
     returns the exit code (user errors end as one line, see :func:`moe_empathy.errors.run_command`)."""
     parser = argparse.ArgumentParser(prog="moe_empathy.train.trainer", description=__doc__.split("\n")[0])
-    _add_arguments(parser)
+    add_arguments(parser)
     return run_command(run_train_command, parser.parse_args(argv))
 
 

@@ -1,8 +1,9 @@
 """The ``moe-empathy`` command: ``demo``, ``chat``, ``info``, ``synth``, ``train``, ``eval``, ``inspect``, ``bench``.
 
-One way to add a command: a function ``add_parser(subparsers)`` that registers the command's
-parser and sets its ``func`` default to the function that runs it (``run(args)``), listed in
-:data:`COMMANDS` as ``"module:function"`` with its help line. Only the module of the command
+One way to add a command: an entry in :data:`COMMANDS` with its help line and the
+``"module:function"`` of a function ``add_arguments(parser)`` that adds the command's
+arguments to the parser made here and sets its ``func`` default to the function that runs it
+(``run(args)``). Only the module of the command
 being run is imported, so ``moe-empathy --help`` answers at once (torch, transformers and rich
 are not loaded). Expected errors end as one line on stderr and exit code 2 (:mod:`.errors`).
 
@@ -27,7 +28,7 @@ class Command:
 
     Args:
         help: its line in the ``--help`` listing.
-        registrar: ``"module:function"`` of its ``add_parser(subparsers)`` (a leaf command).
+        registrar: ``"module:function"`` of its ``add_arguments(parser)`` (a leaf command).
         subcommands: name -> :class:`Command` of a group's members (``eval run``, ``bench model``).
     """
 
@@ -37,26 +38,26 @@ class Command:
 
 
 COMMANDS = {
-    "demo": Command("run the model on scripted dialogues whose context shifts (the main job)", "moe_empathy.cli.demo:add_parser"),
-    "chat": Command("chat in the terminal, seeing the gate's weights for each reply", "moe_empathy.cli.chat:add_parser"),
-    "info": Command("versions, kernel backends and a model summary", "moe_empathy.cli.info:add_parser"),
-    "synth": Command("generate synthetic multi-turn empathy dialogues", "moe_empathy.train.synth:add_parser"),
-    "train": Command("train the experts and the gate (or a baseline) from a YAML config", "moe_empathy.train.trainer:add_parser"),
+    "demo": Command("run the model on scripted dialogues whose context shifts (the main job)", "moe_empathy.cli.demo:add_arguments"),
+    "chat": Command("chat in the terminal, seeing the gate's weights for each reply", "moe_empathy.cli.chat:add_arguments"),
+    "info": Command("versions, kernel backends and a model summary", "moe_empathy.cli.info:add_arguments"),
+    "synth": Command("generate synthetic multi-turn empathy dialogues", "moe_empathy.train.synth:add_arguments"),
+    "train": Command("train the experts and the gate (or a baseline) from a YAML config", "moe_empathy.train.trainer:add_arguments"),
     "eval": Command("evaluation commands: run, scorers", subcommands={
         "run": Command("roll out systems on held-out dialogues; write report.md, metrics.json and plots",
-                       "moe_empathy.eval.cli:add_run_parser"),
+                       "moe_empathy.eval.cli:add_run_arguments"),
         "scorers": Command("Spearman correlation of the empathy scorers with hand labels",
-                           "moe_empathy.eval.validate_scorers:add_parser"),
+                           "moe_empathy.eval.validate_scorers:add_arguments"),
     }),
-    "inspect": Command("show one dialogue's per-turn gate weights (terminal table and PNG)", "moe_empathy.eval.cli:add_inspect_parser"),
+    "inspect": Command("show one dialogue's per-turn gate weights (terminal table and PNG)", "moe_empathy.eval.cli:add_inspect_arguments"),
     "bench": Command("benchmarks: kernels, model, train, decode, prefix", subcommands={
-        "kernels": Command("microbenchmark of the multi-LoRA kernels", "moe_empathy.kernels.bench:add_parser"),
-        "model": Command("generation and training speed against peft LoRA and X-LoRA", "moe_empathy.bench_model:add_parser"),
+        "kernels": Command("microbenchmark of the multi-LoRA kernels", "moe_empathy.kernels.bench:add_arguments"),
+        "model": Command("generation and training speed against peft LoRA and X-LoRA", "moe_empathy.bench_model:add_arguments"),
         "train": Command("training throughput of the gated model against a single LoRA and peft X-LoRA",
-                         "moe_empathy.train.bench_train:add_parser"),
-        "decode": Command("per-token decode overhead of the gated model against the base", "moe_empathy.bench_decode:add_parser"),
+                         "moe_empathy.train.bench_train:add_arguments"),
+        "decode": Command("per-token decode overhead of the gated model against the base", "moe_empathy.bench_decode:add_arguments"),
         "prefix": Command("training speed on a cached frozen prefix against the full forward",
-                          "moe_empathy.train.bench_prefix:add_parser"),
+                          "moe_empathy.train.bench_prefix:add_arguments"),
     }),
 }
 
@@ -73,7 +74,8 @@ def _register(subparsers, name: str, command: Command, words: list[str] | None) 
             _register(members, member_name, member, None if words is None else words[1:])
     else:
         module, function = command.registrar.split(":")
-        getattr(importlib.import_module(module), function)(subparsers)
+        parser = subparsers.add_parser(name, help=command.help, description=command.help)
+        getattr(importlib.import_module(module), function)(parser)
 
 
 def build_parser(words: list[str] | None = None) -> ArgumentParser:

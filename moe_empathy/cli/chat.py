@@ -7,18 +7,16 @@ import argparse
 from .model import add_model_argument, console, load
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``chat``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``chat``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the ``moe-empathy`` command's sub-parsers.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = subparsers.add_parser("chat", help="chat in the terminal, seeing the gate's weights for each reply")
     add_model_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="reply length cap")
     parser.add_argument("--system", default=None, help="optional system prompt")
     parser.set_defaults(func=run)
-    return parser
 
 
 def reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[str, list[float]]:

@@ -25,18 +25,16 @@ DEMO_DIALOGUES = {
 }
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``demo``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``demo``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the ``moe-empathy`` command's sub-parsers.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = subparsers.add_parser("demo", help="run the model on scripted dialogues whose context shifts (the main job)")
     add_model_argument(parser)
     parser.add_argument("--out", default="demo-out", help="folder for demo.json and gate_over_turns.png")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap")
     parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

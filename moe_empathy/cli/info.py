@@ -7,17 +7,15 @@ import argparse
 from .model import add_model_argument, console, load
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``info``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``info``'s arguments and sets the function that runs it (``args.func``).
 
     Args:
-        subparsers: the ``moe-empathy`` command's sub-parsers.
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser = subparsers.add_parser("info", help="versions, kernel backends and a model summary")
     add_model_argument(parser)
     parser.add_argument("--no-model", action="store_true", help="only the environment")
     parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

@@ -4,13 +4,13 @@ fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from moe_empathy import MoeEmpathyForCausalLM
-from moe_empathy.eval.cli import add_run_parser, run_eval
+from moe_empathy.cli import build_parser
+from moe_empathy.eval.cli import run_eval
 from moe_empathy.eval.dialogues import synthesise_split
 from tests.moe_empathy.conftest import randomise_experts, tiny_base
 
@@ -55,8 +55,7 @@ def eval_command(checkpoint, tmp_path_factory):
     ``on_batch`` hook; it returns the metrics."""
     data = tmp_path_factory.mktemp("fault-data") / "dialogues.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthesise_split("test", 4, 2)))
-    parser = argparse.ArgumentParser(prog="moe-empathy")
-    add_run_parser(parser.add_subparsers().add_parser("eval").add_subparsers())
+    parser = build_parser()
 
     def run(out, *extra, on_batch=None):
         argv = ["eval", "run", "--model", checkpoint, "--data", data, "--systems", "base,gated", "--dialogues", 4, "--turns", 2]

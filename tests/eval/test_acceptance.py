@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from moe_empathy.eval.acceptance import AcceptanceTargets, RunSize, check_targets
-from moe_empathy.eval.cli import FULL_RUN, acceptance_targets, add_run_parser
+from moe_empathy.cli import build_parser
+from moe_empathy.eval.cli import FULL_RUN, acceptance_targets
 
 FULL = RunSize(dialogues=40, turns=30, systems=5, max_new_tokens=48)
 PAPER = AcceptanceTargets(gap_reduction=0.7266, gap_factor=1.05, minutes=30, full_run=FULL)
@@ -55,9 +56,7 @@ def test_thresholds_decide_the_verdicts():
 
 
 def _parse(*extra: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_run_parser(parser.add_subparsers().add_parser("eval").add_subparsers())
-    return parser.parse_args(["eval", "run", "--model", "m", "--out", "o", *extra])
+    return build_parser().parse_args(["eval", "run", "--model", "m", "--out", "o", *extra])
 
 
 def test_the_command_line_gives_the_defaults_and_takes_other_thresholds():

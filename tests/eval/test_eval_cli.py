@@ -9,7 +9,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 from moe_empathy import MoeEmpathyForCausalLM
-from moe_empathy.eval.cli import add_inspect_parser, add_run_parser
+from moe_empathy.cli import build_parser
 from moe_empathy.eval.dialogues import read_dialogue_file
 from moe_empathy.eval.report import PLOTS
 from moe_empathy.utils import OUTPUT_MARKER
@@ -17,11 +17,7 @@ from tests.moe_empathy.conftest import tiny_base
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-empathy")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_run_parser(commands.add_parser("eval").add_subparsers(dest="eval_command", required=True))
-    add_inspect_parser(commands)
-    return parser
+    return build_parser()
 
 
 def _run(*argv: str):

@@ -1,4 +1,3 @@
-import argparse
 import ast
 import dataclasses
 import json
@@ -12,7 +11,8 @@ import pytest
 import moe_empathy.eval as eval_pkg
 from moe_empathy.eval import EmpathyScore, get_scorer
 from moe_empathy.eval.scoring import mechanisms_to_score
-from moe_empathy.eval.validate_scorers import add_parser, load_hand_labelled, validate_scorers
+from moe_empathy.cli import build_parser
+from moe_empathy.eval.validate_scorers import load_hand_labelled, validate_scorers
 from moe_empathy.train.phrases import load_phrases
 
 EVAL_DIR = Path(eval_pkg.__file__).parent
@@ -93,15 +93,14 @@ def test_validation_report_and_cli(tmp_path, capsys):
     report = validate_scorers(["lexical"])
     assert report["lexical"]["n"] == len(load_hand_labelled())
     assert report["lexical"]["spearman"] > 0.3  # agrees with the hand labels, far from chance
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["scorers", "--scorers", "lexical", "--json", str(tmp_path / "r.json")])
+    parser = build_parser()
+    args = parser.parse_args(["eval", "scorers", "--scorers", "lexical", "--json", str(tmp_path / "r.json")])
     args.func(args)
     assert "lexical" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["lexical"]["spearman"] == pytest.approx(
         report["lexical"]["spearman"])
     with pytest.raises(ValueError, match="unknown scorer"):
-        args.func(parser.parse_args(["scorers", "--scorers", "lexical,nope"]))
+        args.func(parser.parse_args(["eval", "scorers", "--scorers", "lexical,nope"]))
 
 
 # ---------------------------------------------------------------- no shared inventory

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 
+from moe_empathy.cli import build_parser
 from moe_empathy.kernels import bench, bench_measure
 
 
@@ -27,13 +27,9 @@ def test_quick_run_on_cpu_writes_csv_and_plots(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_add_parser_registers_the_kernels_subcommand(tmp_path):
-    parser = argparse.ArgumentParser(prog="moe-empathy")
-    commands = parser.add_subparsers(dest="command")
-    bench_parser = commands.add_parser("bench").add_subparsers(dest="target")
-    bench.add_parser(bench_parser)
-    args = parser.parse_args(["bench", "kernels", "--quick", "--hidden", "64,128", "--output-dir", str(tmp_path)])
-    assert args.target == "kernels" and args.quick and args.hidden == (64, 128)
+def test_the_command_line_registers_the_kernels_benchmark(tmp_path):
+    args = build_parser().parse_args(["bench", "kernels", "--quick", "--hidden", "64,128", "--output-dir", str(tmp_path)])
+    assert args.bench_command == "kernels" and args.quick and args.hidden == (64, 128)
     assert args.func is bench.run_from_args
 
 

@@ -1,11 +1,10 @@
-import argparse
 import hashlib
 import json
 
 import pytest
 from datasets import load_from_disk
 
-from moe_empathy.train import synth
+from moe_empathy.cli import build_parser
 from moe_empathy.train.phrases import load_phrases
 from moe_empathy.train.synth_corpus import corpus_stats, write_corpus
 from moe_empathy.train.synth_plan import SynthConfig, plans, scenario_splits
@@ -133,8 +132,7 @@ def test_write_corpus_roundtrip_card_and_no_half_overwrite(tmp_path, corpus):
 
 
 def test_cli_subcommand(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    synth.add_parser(parser.add_subparsers())
+    parser = build_parser()
     out = tmp_path / "cli"
     args = parser.parse_args(["synth", "--out", str(out), "--dialogues", "40", "--max-turns", "4",
                               "--tasks", "grief_support,technical_support"])
@@ -199,8 +197,7 @@ def test_overwrite_never_replaces_a_folder_synth_did_not_write(tmp_path, corpus,
         write_corpus(corpus, notes, {}, overwrite=True)
     assert (notes / "todo.txt").read_text() == "keep me"
 
-    parser = argparse.ArgumentParser()
-    synth.add_parser(parser.add_subparsers())
+    parser = build_parser()
     monkeypatch.chdir(notes)
     args = parser.parse_args(["synth", "--out", ".", "--overwrite", "--dialogues", "40"])
     with pytest.raises(FileExistsError, match="current folder"):
