@@ -1,0 +1,340 @@
+"""The unrated development set of model-written replies for the scorers' calibration (issue 12).
+
+Every system of :mod:`.systems` plays held-out dialogue scripts (:mod:`.rollout`, the same
+rollouts and decoding as ``eval run``); from each system's rollout of each dialogue a few
+replies are kept, drawn from early and late turns. Three files are written:
+
+* ``replies.jsonl`` (what raters see): ``id``, ``system``, ``task``, ``turn`` (from 1), the
+  ``context`` a rater needs (the last few messages before the current user message, the
+  system's own earlier replies among them), the current ``user`` message and the ``reply``.
+  No scorer output and no expected level.
+* ``replies_key.jsonl`` (kept from raters, for the analysis): per ``id`` the dialogue, the
+  task's level and the turn's expected ``level``, its target score, and the mixture the
+  system used (gate or forced expert).
+* ``replies_settings.json``: how the set was made (model, systems, seed, turns, counts, time).
+
+Replies are shuffled with a fixed seed, so systems and tasks are interleaved; identical
+(context, user message, reply) items are dropped only while at least ``--min-replies`` remain.
+
+``python -m moe_empathy.eval.devset --out eval/data/rating/replies.jsonl`` (from the repository
+root, ``python -m eval.devset`` works too); ``--help`` lists the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from moe_empathy.train.taxonomy import LEVEL_TARGET, TASKS
+from moe_empathy.utils import atomic_write_text
+
+from .dialogues import EVAL_SEED, select_dialogues, synthesise_split
+from .rollout import DialogueRollout, progress_bar, rollout
+from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
+
+# Dialogues of the development set come from the test split's scenarios but with another seed
+# than the evaluation's (EVAL_SEED), so calibration is not fitted on the evaluation's own scripts.
+DEVSET_SEED = EVAL_SEED + 12
+DEFAULT_RANGES = "1-6,16-30"
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """Turn ranges ``"1-6,16-30"`` as inclusive ``(first, last)`` pairs (turns count from 1).
+
+    Args:
+        text: comma-separated ``A-B`` ranges (or single turns ``A``), in ascending order.
+
+    Raises:
+        ValueError: for a malformed, reversed, overlapping or unordered range.
+    """
+    ranges = []
+    for part in (p.strip() for p in text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            pair = (int(first), int(last or first))
+        except ValueError:
+            raise ValueError(f"turn range {part!r} is not of the form A-B (e.g. 1-6)") from None
+        if not 1 <= pair[0] <= pair[1]:
+            raise ValueError(f"turn range {part!r} must satisfy 1 <= A <= B")
+        ranges.append(pair)
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        if start <= end:
+            raise ValueError(f"turn ranges {text!r} overlap or are not in ascending order")
+    return ranges
+
+
+def balanced_dialogues(records: list[dict], per_task: int) -> list[dict]:
+    """``per_task`` records of every task, taken in the records' order, interleaved by task.
+
+    Args:
+        records: dialogue records with a ``task``.
+        per_task: how many dialogues of each task to keep.
+
+    Raises:
+        ValueError: when a task of the taxonomy has fewer records than ``per_task``.
+    """
+    by_task = {task: [r for r in records if r["task"] == task][:per_task] for task in TASKS}
+    short = {task: len(kept) for task, kept in by_task.items() if len(kept) < per_task}
+    if short:
+        raise ValueError(f"too few dialogues of task(s) {short} for {per_task} per task; synthesise more")
+    return [group[i] for i in range(per_task) for group in by_task.values()]
+
+
+def parse_counts(text: str, ranges: int) -> list[int]:
+    """Replies to draw from each turn range: one number for all ranges, or one per range.
+
+    Args:
+        text: ``"3"`` or comma-separated counts (``"4,5"``).
+        ranges: the number of ranges.
+
+    Raises:
+        ValueError: for a count below 1 or a list of the wrong length.
+    """
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--per-range {text!r} is not a number or a comma-separated list of numbers") from None
+    if len(counts) == 1:
+        counts *= ranges
+    if len(counts) != ranges or min(counts) < 1:
+        raise ValueError(f"--per-range {text!r}: give one count >= 1, or one for each of the {ranges} ranges")
+    return counts
+
+
+def choose_turns(num_turns: int, ranges: list[tuple[int, int]], counts: list[int], rng: random.Random) -> list[int]:
+    """Turns (from 1) to keep from one rollout: ``counts[i]`` distinct turns drawn from range
+    ``i``, cut to the dialogue's length (all of a shorter range; none of a range beyond it).
+
+    Args:
+        num_turns: turns the rollout played.
+        ranges: inclusive turn ranges (:func:`parse_ranges`).
+        counts: turns to draw from each range.
+        rng: the random source.
+    """
+    chosen = []
+    for (first, last), count in zip(ranges, counts, strict=True):
+        pool = list(range(first, min(last, num_turns) + 1))
+        chosen += rng.sample(pool, min(count, len(pool)))
+    return sorted(chosen)
+
+
+def reply_context(users: list[str], replies: list[str], turn: int, messages: int) -> list[dict]:
+    """The ``messages`` messages before the user message of ``turn`` (from 1), oldest first.
+
+    Args:
+        users: the dialogue's user messages.
+        replies: the system's replies (at least ``turn - 1`` of them).
+        turn: the turn being rated.
+        messages: how many earlier messages to give (fewer at the start of a dialogue).
+    """
+    history = [m for k in range(turn - 1) for m in ({"role": "user", "content": users[k]}, {"role": "assistant", "content": replies[k]})]
+    return history[max(0, len(history) - messages) :] if messages else []
+
+
+def sample_replies(
+    rollouts: dict[str, list[DialogueRollout]], ranges: list[tuple[int, int]], counts: list[int], context_messages: int, seed: int
+) -> list[tuple[dict, dict]]:
+    """Draws replies from every system's rollouts.
+
+    Each (system, dialogue) draws its own turns, from a random source seeded by the seed, the
+    system and the dialogue, so a sample does not depend on which other systems were played.
+
+    Args:
+        rollouts: ``{system: rollouts}`` as :func:`.rollout.rollout` returns them.
+        ranges: inclusive turn ranges to draw from.
+        counts: turns to draw from each range of each rollout.
+        context_messages: earlier messages given with each reply.
+        seed: the sampling seed.
+
+    Returns:
+        ``(item, key)`` pairs without ids: ``item`` is what a rater sees, ``key`` the labels.
+    """
+    pairs = []
+    for system, played in rollouts.items():
+        for dialogue in played:
+            rng = random.Random(f"{seed}:{system}:{dialogue.dialogue_id}")
+            for turn in choose_turns(len(dialogue.replies), ranges, counts, rng):
+                k = turn - 1
+                item = {
+                    "system": system,
+                    "task": dialogue.task,
+                    "turn": turn,
+                    "context": reply_context(dialogue.users, dialogue.replies, turn, context_messages),
+                    "user": dialogue.users[k],
+                    "reply": dialogue.replies[k],
+                }
+                key = {
+                    "system": system,
+                    "dialogue_id": dialogue.dialogue_id,
+                    "task": dialogue.task,
+                    "task_level": dialogue.task_level,
+                    "turn": turn,
+                    "level": dialogue.levels[k],
+                    "target": round(LEVEL_TARGET[dialogue.levels[k]], 4),
+                    "mixture": None if dialogue.gate is None else [round(w, 4) for w in dialogue.gate[k]],
+                    "new_tokens": dialogue.new_tokens[k] if k < len(dialogue.new_tokens) else None,
+                }
+                pairs.append((item, key))
+    return pairs
+
+
+def _identity(item: dict) -> str:
+    return json.dumps([item["context"], item["user"], item["reply"]], sort_keys=True)
+
+
+def deduplicate(pairs: list[tuple[dict, dict]], minimum: int) -> list[tuple[dict, dict]]:
+    """Drops repeats of an identical (context, user message, reply) item, later ones first,
+    but only while more than ``minimum`` items remain.
+
+    Args:
+        pairs: ``(item, key)`` pairs in sampling order.
+        minimum: the fewest items to keep.
+    """
+    seen: set[str] = set()
+    repeats = []
+    for i, (item, _) in enumerate(pairs):
+        identity = _identity(item)
+        if identity in seen:
+            repeats.append(i)
+        seen.add(identity)
+    drop = set(repeats[: max(0, len(pairs) - minimum)])
+    return [pair for i, pair in enumerate(pairs) if i not in drop]
+
+
+def shuffle_and_number(pairs: list[tuple[dict, dict]], seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffles the pairs with a fixed seed and gives each an id (``r001``...) in the new order.
+
+    Args:
+        pairs: ``(item, key)`` pairs.
+        seed: the shuffling seed.
+
+    Returns:
+        ``(items, keys)``, each a list of dicts starting with ``id``.
+    """
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    width = max(3, len(str(len(pairs))))
+    items, keys = [], []
+    for n, i in enumerate(order, 1):
+        rid = f"r{n:0{width}d}"
+        items.append({"id": rid, **pairs[i][0]})
+        keys.append({"id": rid, **pairs[i][1]})
+    return items, keys
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Writes one JSON object per line, atomically.
+
+    Args:
+        path: the file.
+        rows: the objects.
+    """
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _portable(path: str | Path | None) -> str | None:
+    """A path as given, relative to the current folder when it lies inside it."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.devset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the raters' file (.jsonl); the key and the run's settings go beside it as <name>_key.jsonl and <name>_settings.json")
+    parser.add_argument("--key", default=None, help="the key file (default: beside --out, <name>_key.jsonl)")
+    parser.add_argument("--model", default=None, help="gated model folder (default: the shipped checkpoint)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
+    parser.add_argument("--experts-dir", default=None, help="per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
+    parser.add_argument("--per-task", type=int, default=1, help="dialogues of each of the eight tasks")
+    parser.add_argument("--turns", type=int, default=30, help="turns played per dialogue")
+    parser.add_argument("--ranges", default=DEFAULT_RANGES, help="turn ranges to draw replies from (inclusive, from 1)")
+    parser.add_argument("--per-range", default="4,5", help="replies drawn from each range of each system's rollout of a dialogue: one count, or one per range")
+    parser.add_argument("--context-messages", type=int, default=3, help="earlier messages shown with each reply")
+    parser.add_argument("--min-replies", type=int, default=320, help="identical items are dropped only while this many remain")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="reply length cap (the evaluation's default)")
+    parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=DEVSET_SEED, help="seed of the synthesised test-split dialogues, the turn draws and the shuffle")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Plays the systems, samples, and writes the raters' file and the key.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The run's settings and counts (also printed).
+    """
+    import torch
+    from rich.console import Console
+
+    from moe_empathy.loading import default_checkpoint, load_model_and_tokenizer
+
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = Console(highlight=False)
+    out = Path(args.out)
+    key_path = Path(args.key) if args.key else out.with_name(f"{out.stem}_key.jsonl")
+    settings_path = out.with_name(f"{out.stem}_settings.json")
+    names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()])
+    ranges = parse_ranges(args.ranges)
+    counts = parse_counts(args.per_range, len(ranges))
+    if ranges[-1][0] > args.turns:
+        raise ValueError(f"--ranges {args.ranges} reaches beyond --turns {args.turns}: a range there gives no reply")
+    model_dir = check_model_dir(args.model) if args.model else default_checkpoint()
+    # Enough synthesised dialogues that every task has --per-task of them.
+    pool = synthesise_split("test", max(40, 8 * args.per_task * 3), args.turns, args.seed)
+    records = select_dialogues(balanced_dialogues(pool, args.per_task), len(TASKS) * args.per_task, args.turns)
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir)
+    systems = build_systems(names, model, tokenizer, model_dir, args.single_lora, args.experts_dir)
+    console.print(
+        f"[bold]devset[/bold]: {len(records)} test dialogues x {args.turns} turns, systems {', '.join(names)}, "
+        f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} thread(s)"
+    )
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        rollouts, _ = rollout(systems, records, tokenizer, args.batch_size, args.max_new_tokens, "cached", progress)
+    seconds = time.perf_counter() - start
+    pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed)
+    kept = deduplicate(pairs, args.min_replies)
+    items, keys = shuffle_and_number(kept, args.seed)
+    write_jsonl(out, items)
+    write_jsonl(key_path, keys)
+    settings = {
+        "model": _portable(model_dir),
+        "systems": {s.name: s.description for s in systems},
+        "single_lora": _portable(args.single_lora),
+        "experts_dir": _portable(args.experts_dir),
+        "split": "test",
+        "seed": args.seed,
+        "dialogues": len(records),
+        "turns": args.turns,
+        "ranges": args.ranges,
+        "per_range": counts,
+        "context_messages": args.context_messages,
+        "max_new_tokens": args.max_new_tokens,
+        "sampled": len(pairs),
+        "kept": len(items),
+        "rollout_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
+    console.print(f"rollouts took {seconds / 60:.1f} min; sampled {len(pairs)} replies, kept {len(items)}")
+    console.print(f"wrote {out}, {key_path} and {settings_path}")
+    return settings
+
+
+if __name__ == "__main__":
+    main()
