@@ -4,7 +4,7 @@ Every system of :mod:`.systems` plays held-out dialogue scripts (:mod:`.rollout`
 rollouts and decoding as ``eval run``); from each system's rollout of each dialogue a few
 replies are kept, drawn from early and late turns. Three files are written:
 
-* ``replies.jsonl`` (what raters see): ``id``, ``system``, ``task``, ``turn`` (from 1), the
+* ``replies.jsonl`` (what raters see, blind to the system): ``id``, ``task``, ``turn`` (from 1), the
   ``context`` a rater needs (the last few messages before the current user message, the
   system's own earlier replies among them), the current ``user`` message and the ``reply``.
   No scorer output and no expected level.
@@ -158,8 +158,7 @@ def sample_replies(
             rng = random.Random(f"{seed}:{system}:{dialogue.dialogue_id}")
             for turn in choose_turns(len(dialogue.replies), ranges, counts, rng):
                 k = turn - 1
-                item = {
-                    "system": system,
+                item = {  # no system name: the raters rate blind
                     "task": dialogue.task,
                     "turn": turn,
                     "context": reply_context(dialogue.users, dialogue.replies, turn, context_messages),

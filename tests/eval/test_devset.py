@@ -88,17 +88,17 @@ def test_sample_replies_hides_labels_and_records_them_in_the_key():
     pairs = sample_replies(rollouts, [(1, 6), (16, 30)], [2, 1], context_messages=3, seed=5)
     assert len(pairs) == 2 * 2 * 3
     for item, key in pairs:
-        assert set(item) == {"system", "task", "turn", "context", "user", "reply"}
+        assert set(item) == {"task", "turn", "context", "user", "reply"}  # blind: the system is in the key only
         k = item["turn"] - 1
-        assert item["reply"] == f"{item['system']} {key['dialogue_id']} reply {item['turn']}"
+        assert item["reply"] == f"{key['system']} {key['dialogue_id']} reply {item['turn']}"
         assert item["user"] == f"{key['dialogue_id']} user {item['turn']}"
         assert len(item["context"]) == min(3, 2 * k)
         assert key["level"] == ["low", "medium", "high"][k % 3]
         assert key["target"] == pytest.approx(LEVEL_TARGET[key["level"]], abs=1e-4)
-        assert (key["mixture"] is None) == (item["system"] == "base")
+        assert (key["mixture"] is None) == (key["system"] == "base")
     # A system's draws do not depend on which other systems were played.
     alone = sample_replies({"gated": rollouts["gated"]}, [(1, 6), (16, 30)], [2, 1], 3, seed=5)
-    assert alone == [p for p in pairs if p[0]["system"] == "gated"]
+    assert alone == [p for p in pairs if p[1]["system"] == "gated"]
 
 
 def test_deduplicate_drops_repeats_only_above_the_minimum():
