@@ -3,8 +3,8 @@
 One decode step is a forward of one new token per row on a KV cache holding ``context``
 tokens, exactly as ``generate`` runs it after the prefill (for the gated model: the turn is
 already decided, ``continues_turn=True``). After each timed step the cache is cropped back,
-so every step sees the same context. Systems, side by side in one run (interleaved rounds,
-median of the steps): the base, and the gated model with experts on the top 10, 20 and 30
+so every step sees the same context. Systems, side by side in one run (taking turns step by
+step; ratios and overheads are medians over adjacent base/gated pairs): the base, and the gated model with experts on the top 10, 20 and 30
 decoder layers, each over its own copy of the same base. Mixtures:
 
 * ``fold``: every row shares one mixture (batch 1, or one forced mixture), which the expert
@@ -108,14 +108,19 @@ def _shares_one_mixture(model, cache) -> bool:
 
 
 def measure(systems: dict, batch_sizes: list[int], contexts: list[int], steps: int, repeats: int, vocab: int, progress=None) -> list[dict]:
-    """Median decode-step time of every system, batch size, mixture and context length.
+    """Decode-step time of every system against the base's, for every batch size, mixture and context.
+
+    The systems take turns step by step (base, gated..., base, gated...), so each gated step has
+    a base step a few milliseconds away: a load change on the machine hits both. The ratio and
+    the overhead are medians over these pairs, which a noisy machine disturbs far less than a
+    comparison of separate medians.
 
     Args:
         systems: from :func:`build_systems`.
         batch_sizes: rows per step.
         contexts: cached tokens per row.
         steps: timed steps per round.
-        repeats: rounds, interleaving the systems (one more warm-up round is discarded).
+        repeats: rounds (one more warm-up round is discarded).
         vocab: vocabulary size.
         progress: a rich ``Progress`` to advance, or None.
     """
@@ -124,24 +129,27 @@ def measure(systems: dict, batch_sizes: list[int], contexts: list[int], steps: i
         for mixture in ("fold", "per_row") if batch > 1 else ("fold",):
             for context in contexts:
                 settings.append((batch, mixture, context))
-    task = progress.add_task("decode steps", total=len(settings) * len(systems) * (repeats + 1)) if progress else None
+    task = progress.add_task("decode steps", total=len(settings) * (repeats + 1)) if progress else None
     rows = []
     for batch, mixture, context in settings:
         stepper = {name: DecodeStep(model, batch, context, vocab, fold=mixture == "fold") for name, model in systems.items()}
         samples: dict[str, list[float]] = {name: [] for name in systems}
         for round_index in range(repeats + 1):  # round 0 warms up
-            for name, step in stepper.items():
-                times = [step() for _ in range(steps)]
-                if round_index:
-                    samples[name].extend(times)
-                if progress:
-                    progress.advance(task)
-        base_ms = statistics.median(samples["base"]) * 1e3
+            for _ in range(steps):
+                for name, step in stepper.items():
+                    elapsed = step()
+                    if round_index:
+                        samples[name].append(elapsed)
+            if progress:
+                progress.advance(task)
+        base = samples["base"]
         for name, times in samples.items():
-            ms = statistics.median(times) * 1e3
             rows.append({
-                "system": name, "batch": batch, "mixture": mixture, "context": context, "step_ms": round(ms, 3),
-                "overhead_ms": round(ms - base_ms, 3), "tokens_per_s_vs_base": round(base_ms / ms, 4), "steps": len(times),
+                "system": name, "batch": batch, "mixture": mixture, "context": context,
+                "step_ms": round(statistics.median(times) * 1e3, 3),
+                "overhead_ms": round(statistics.median(t - b for t, b in zip(times, base)) * 1e3, 3),
+                "tokens_per_s_vs_base": round(statistics.median(b / t for t, b in zip(times, base)), 4),
+                "steps": len(times),
             })
     return rows
 
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     vocab = base.config.vocab_size
     with Progress(console=console) as progress:
         rows = measure(systems, args.batch_sizes, args.contexts, args.steps, args.repeats, vocab, progress)
-    table = Table(title="decode step: median ms, overhead against the base (same run, interleaved)")
+    table = Table(title="decode step: median ms; overhead and ratio: medians over adjacent base/gated step pairs")
     for column in ("system", "batch", "mixture", "context", "step ms", "overhead ms", "tokens/s vs base"):
         table.add_column(column)
     for r in rows:
