@@ -1,4 +1,4 @@
-"""The unrated development set of model-written replies for the scorers' calibration (issue 12).
+"""The unrated development set of model-written replies for the scorers' calibration.
 
 Every system of :mod:`.systems` plays held-out dialogue scripts (:mod:`.rollout`, the same
 rollouts and decoding as ``eval run``); from each system's rollout of each dialogue a few
