@@ -322,7 +322,7 @@ def rollout(
                 if journal is not None:
                     journal.record(key, index, batch, out, counted)
                 if on_batch is not None:
-                    onbatch_tensors(key, index)
+                    on_batch(key, index)
             played.update(zip(batch, out))
         results[system.name] = [played[i] for i in range(len(records))]
     return results, stats
