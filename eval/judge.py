@@ -96,6 +96,15 @@ class JudgeScorer(Scorer):
         self.timeout = timeout
         if self.endpoint is None:
             self.model, self.tokenizer = load_chat_model(model)
+        # the judge's raw scores depend on its model: each model needs its own calibration curve
+        if self.endpoint:
+            self._key = f"judge:{self.endpoint}:{self.endpoint_model}"
+        else:
+            self._key = "judge" if model is None else f"judge:{model if isinstance(model, (str, bytes)) or hasattr(model, '__fspath__') else 'custom'}"
+
+    @property
+    def calibration_key(self) -> str:
+        return self._key
 
     def _score(self, responses, contexts):
         answers = {}

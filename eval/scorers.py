@@ -5,7 +5,8 @@
 :mod:`.lexical`), ``embedding`` (MiniLM similarity to prototype sentences,
 :mod:`.embedding`), ``judge`` (a chat model's rubric rating, local or over an
 OpenAI-compatible endpoint, :mod:`.judge`). What they share is in :mod:`.scoring`;
-validation against hand labels is in :mod:`.validate_scorers`.
+calibration to the 1-5 scale is in :mod:`.calibration`; validation against rated replies is
+in :mod:`.validate_scorers`.
 
 No scorer reads the dialogue generator's phrase inventory: evaluating with it
 would only measure template recall (a test enforces this).
@@ -13,6 +14,7 @@ would only measure template recall (a test enforces this).
 
 from __future__ import annotations
 
+from .calibration import CalibratedScorer
 from .embedding import EmbeddingScorer
 from .judge import JudgeScorer
 from .lexical import LexicalScorer
@@ -25,16 +27,20 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
-def get_scorer(name: str, **kwargs) -> Scorer:
+def get_scorer(name: str, calibrated: bool = True, **kwargs) -> Scorer:
     """Build a scorer by name.
 
     Args:
         name: ``lexical``, ``embedding`` or ``judge``.
+        calibrated: map its scores through the stored calibration curve
+            (:class:`~.calibration.CalibratedScorer`); False gives the raw scores.
         **kwargs: passed to the scorer's constructor (e.g. ``model=`` for the judge).
 
     Raises:
-        ValueError: for an unknown name, listing the known ones.
+        ValueError: for an unknown name, listing the known ones, or a calibrated scorer
+            without a stored curve (naming the command that fits one).
     """
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose from: {', '.join(SCORERS)}")
-    return SCORERS[name](**kwargs)
+    scorer = SCORERS[name](**kwargs)
+    return CalibratedScorer(scorer) if calibrated else scorer

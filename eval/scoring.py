@@ -85,6 +85,12 @@ class Scorer:
 
     name = "base"
 
+    @property
+    def calibration_key(self) -> str:
+        """The name its calibration curve is stored under (:mod:`.calibration`): settings that
+        change the raw scores (another judge model) need a curve of their own."""
+        return self.name
+
     def score(self, responses, contexts=None) -> list[EmpathyScore]:
         """Score each response in its context.
 

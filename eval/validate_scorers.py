@@ -1,9 +1,19 @@
-"""Validation of the scorers against responses labelled by hand.
+"""Validation of the scorers against people's ratings, before and after calibration.
 
-``eval/data/hand_labelled.jsonl`` holds responses and contexts written by hand for
-this purpose (not by the dialogue generator), each with an overall 1-5 label and
-0-2 labels per mechanism. ``moe-empathy eval scorers`` prints each scorer's
-Spearman correlation with those labels.
+Two rated sets (:mod:`.calibration` loads and splits them; the split is fixed and seeded):
+
+* the rating development set (``eval/data/rating``): model-written replies of the five
+  systems, rated by two raters; its held-out part (40%, stratified by system) is the main
+  test. Most replies show little empathy (raters' mean at most 2.33 for all but a few), so
+  it tests the low end of the scale;
+* the hand-labelled set (``eval/data/hand_labelled.jsonl``): replies written by hand across
+  the whole scale; its held-out half (stratified by label) is reported separately.
+
+Per scorer and set: Spearman correlation, mean absolute error and agreement within the level
+band, of the raw and the calibrated scores, with a constant prediction (the fit parts'
+median reference) beside them, and the mean score of each expert that ``external`` forced
+(whether low < medium < high). ``moe-empathy eval scorers`` (or
+``python -m moe_empathy.eval.validate_scorers``) prints the tables.
 """
 
 from __future__ import annotations
@@ -11,72 +21,137 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
-from pathlib import Path
 
-from moe_empathy.train.taxonomy import MECHANISMS
+import numpy as np
+
+from moe_empathy.train.taxonomy import LEVEL_BAND, LEVELS
 from moe_empathy.utils import atomic_write_text
 
+from .calibration import CalibratedScorer, RatedReply, SplitConfig, fit_items, raw_scores
 from .scorers import SCORERS, get_scorer
 
+GOALS = {"spearman": 0.8, "mae": 0.6, "band_agreement": 0.6}  # issue 12
 
-def load_hand_labelled(path: str | Path | None = None) -> list[dict]:
-    """Read the hand-labelled validation set.
+
+def levels_of(value: float) -> set[str]:
+    """The level band(s) nearest to a 1-5 value: the band holding it, else the closest;
+    a value exactly halfway between two bands belongs to both.
 
     Args:
-        path: a JSONL file with ``context``, ``response``, ``score`` and
-            ``mechanisms`` per line (default: the packaged set).
+        value: a score on the 1-5 scale.
     """
-    text = (Path(path).read_text() if path
-            else resources.files("moe_empathy.eval").joinpath("data/hand_labelled.jsonl").read_text())
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    distance = {level: max(low - value, 0.0, value - high) for level, (low, high) in LEVEL_BAND.items()}
+    best = min(distance.values())
+    return {level for level in LEVELS if distance[level] <= best + 1e-9}
 
 
-def validate_scorers(names=SCORERS, data=None, scorer_kwargs: dict | None = None) -> dict:
-    """Spearman correlation of each scorer with the hand labels.
+def agreement(predictions, items: list[RatedReply]) -> dict:
+    """Agreement of predictions with the raters' references.
+
+    Args:
+        predictions: ``[n]`` scores on the 1-5 scale.
+        items: the rated items, in the same order.
+
+    Returns:
+        ``{"spearman", "mae", "band_agreement", "n"}``; Spearman is None for a constant prediction.
+    """
+    predictions = np.asarray(predictions, dtype=float)
+    reference = np.array([i.reference for i in items])
+    band = np.mean([bool(levels_of(p) & levels_of(r)) for p, r in zip(predictions, reference)])
+    return {"spearman": _spearman(reference, predictions), "mae": float(np.abs(predictions - reference).mean()),
+            "band_agreement": float(band), "n": len(items)}
+
+
+def forced_order(predictions, items: list[RatedReply]) -> dict:
+    """Mean score per expert that a forced system used, and whether low < medium < high.
+
+    Args:
+        predictions: ``[n]`` scores.
+        items: the rated items (those with ``forced`` set count).
+    """
+    means = {}
+    for level in LEVELS:
+        picked = [p for p, i in zip(predictions, items) if i.forced == level]
+        means[level] = float(np.mean(picked)) if picked else None
+    values = [means[level] for level in LEVELS]
+    ordered = None if None in values else all(a < b for a, b in zip(values, values[1:]))
+    return {"means": means, "in_order": ordered, "n": sum(i.forced is not None for i in items)}
+
+
+def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None = None,
+                     config: SplitConfig = SplitConfig()) -> dict:
+    """Each scorer's agreement with people on the held-out parts, raw and calibrated.
 
     Args:
         names: scorer names.
-        data: records as from :func:`load_hand_labelled` (default: the packaged set).
         scorer_kwargs: scorer name -> constructor arguments.
+        config: the split (the one the stored curves were fitted with).
 
     Returns:
-        name -> ``{"spearman", "p_value", "n", "seconds", "mechanisms": {name: rho}}``;
-        a correlation is None where the scorer gave the same value to every item.
+        ``{"sets": {set: {"n", "constant", "raters": order}}, "scorers": {name: {set: {"raw", "calibrated",
+        "order_raw", "order_calibrated"}, "seconds"}}}``.
     """
-
-    data = data if data is not None else load_hand_labelled()
-    responses = [r["response"] for r in data]
-    contexts = [r["context"] for r in data]
-    report = {}
+    dev_fit, dev_held, hand_fit, hand_held = fit_items(config)
+    constant = float(np.median([i.reference for i in dev_fit + hand_fit]))
+    sets = {"devset_heldout": dev_held, "hand_heldout": hand_held}
+    report = {"constant_value": constant, "sets": {}, "scorers": {}}
+    for set_name, items in sets.items():
+        reference = [i.reference for i in items]
+        report["sets"][set_name] = {"n": len(items), "constant": agreement([constant] * len(items), items),
+                                    "raters_order": forced_order(reference, items)}
     for name in names:
         start = time.perf_counter()
-        scores = get_scorer(name, **(scorer_kwargs or {}).get(name, {})).score(responses, contexts)
-        rho, p_value = _spearman([r["score"] for r in data], [s.score for s in scores])
-        report[name] = {
-            "spearman": rho,
-            "p_value": p_value,
-            "n": len(data),
-            "seconds": time.perf_counter() - start,
-            "mechanisms": {
-                m: _spearman([r["mechanisms"][m] for r in data], [s.mechanisms[m] for s in scores])[0]
-                for m in MECHANISMS
-            },
-        }
+        raw_scorer = get_scorer(name, calibrated=False, **(scorer_kwargs or {}).get(name, {}))
+        calibrated = CalibratedScorer(raw_scorer)
+        entry = {}
+        for set_name, items in sets.items():
+            raw = raw_scores(raw_scorer, items)
+            after = calibrated.curve(raw)
+            entry[set_name] = {"raw": agreement(raw, items), "calibrated": agreement(after, items),
+                               "order_raw": forced_order(raw, items), "order_calibrated": forced_order(after, items)}
+        entry["seconds"] = time.perf_counter() - start
+        report["scorers"][name] = entry
     return report
 
 
-def _spearman(labels: list, predictions: list) -> tuple[float | None, float | None]:
+def _spearman(labels, predictions) -> float | None:
     from scipy.stats import spearmanr
 
-    if len(set(predictions)) < 2 or len(set(labels)) < 2:
-        return None, None
-    result = spearmanr(labels, predictions)
-    return float(result.statistic), float(result.pvalue)
+    if len(set(np.round(predictions, 12))) < 2 or len(set(labels)) < 2:
+        return None
+    return float(spearmanr(labels, predictions).statistic)
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "constant" if value is None else format(value, spec)
+    return "n/a" if value is None else format(value, spec)
+
+
+def _order(order: dict) -> str:
+    means = "/".join(_fmt(order["means"][level], ".2f") for level in LEVELS)
+    return f"{means} ({'yes' if order['in_order'] else 'no' if order['in_order'] is False else 'n/a'})"
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown tables (one per rated set).
+
+    Args:
+        report: :func:`validate_scorers` output.
+    """
+    parts = []
+    for set_name, info in report["sets"].items():
+        parts += [f"{set_name} (n = {info['n']}); raters' mean per forced expert low/medium/high: {_order(info['raters_order'])}", "",
+                  "| scorer | Spearman raw | Spearman cal. | MAE raw | MAE cal. | band raw | band cal. | forced experts, cal. |",
+                  "|---|---|---|---|---|---|---|---|"]
+        c = info["constant"]
+        parts.append(f"| constant {report['constant_value']:.2f} | n/a | n/a | {c['mae']:.2f} | {c['mae']:.2f} | "
+                     f"{c['band_agreement']:.0%} | {c['band_agreement']:.0%} | - |")
+        for name, entry in report["scorers"].items():
+            e = entry[set_name]
+            raw, cal = e["raw"], e["calibrated"]
+            parts.append(f"| {name} | {_fmt(raw['spearman'], '.3f')} | {_fmt(cal['spearman'], '.3f')} | {raw['mae']:.2f} | "
+                         f"{cal['mae']:.2f} | {raw['band_agreement']:.0%} | {cal['band_agreement']:.0%} | {_order(e['order_calibrated'])} |")
+        parts.append("")
+    return "\n".join(parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,41 +160,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the command's parser, made by :mod:`moe_empathy.cli`.
     """
-    parser.add_argument("--scorers", default="lexical,embedding,judge", help="comma-separated scorer names")
+    parser.add_argument("--scorers", default="lexical,embedding", help=f"comma-separated, from: {', '.join(SCORERS)}")
     parser.add_argument("--judge-model", default=None,
-                   help="folder of a local Hugging Face chat model for the judge (default: embedded SmolLM2)")
+                        help="folder of a local Hugging Face chat model for the judge (default: embedded SmolLM2)")
     parser.add_argument("--judge-endpoint", default=None,
-                   help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) instead of a local model")
+                        help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) instead of a local model")
     parser.add_argument("--judge-endpoint-model", default=None, help="model name sent to --judge-endpoint")
-    parser.add_argument("--data", default=None, help="hand-labelled JSONL (default: the packaged set)")
     parser.add_argument("--json", default=None, help="also write the report to this JSON file")
     parser.set_defaults(func=run_scorers)
 
 
 def run_scorers(args: argparse.Namespace) -> dict:
-    """Run ``moe-empathy eval scorers``.
+    """Run ``moe-empathy eval scorers``: prints the held-out tables (Markdown).
 
     Args:
         args: the parsed arguments of :func:`add_arguments`.
     """
-    from rich.console import Console
-    from rich.table import Table
-
     names = [n.strip() for n in args.scorers.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise ValueError(f"unknown scorer(s) {', '.join(unknown)}; choose from: {', '.join(SCORERS)}")
-    judge = {"model": args.judge_model, "endpoint": args.judge_endpoint,
-             "endpoint_model": args.judge_endpoint_model}
-    data = load_hand_labelled(args.data)
-    report = validate_scorers(names, data, {"judge": judge})
-    table = Table(title=f"Spearman correlation with {len(data)} hand labels")
-    for column in ("scorer", "overall", "p", *MECHANISMS, "seconds"):
-        table.add_column(column)
-    for name, r in report.items():
-        table.add_row(name, _fmt(r["spearman"], ".3f"), _fmt(r["p_value"], ".1e"),
-                      *[_fmt(r["mechanisms"][m], ".3f") for m in MECHANISMS], f"{r['seconds']:.1f}")
-    Console().print(table)
+    if unknown or not names:
+        raise ValueError(f"unknown scorer(s) {', '.join(unknown) or names}; choose from: {', '.join(SCORERS)}")
+    judge = {"model": args.judge_model, "endpoint": args.judge_endpoint, "endpoint_model": args.judge_endpoint_model}
+    report = validate_scorers(names, {"judge": judge})
+    print(render_markdown(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.validate_scorers", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    _args.func(_args)

@@ -12,11 +12,12 @@ import moe_empathy.eval as eval_pkg
 from moe_empathy.eval import EmpathyScore, get_scorer
 from moe_empathy.eval.scoring import mechanisms_to_score
 from moe_empathy.cli import build_parser
-from moe_empathy.eval.validate_scorers import load_hand_labelled, validate_scorers
+from moe_empathy.eval.calibration import load_hand_items
+from moe_empathy.eval.validate_scorers import validate_scorers
 from moe_empathy.train.phrases import load_phrases
 
 EVAL_DIR = Path(eval_pkg.__file__).parent
-SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py"]
+SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py", "calibration.py"]
 # what the scorers may take from train, neither holding any phrasing: the shared names of levels
 # and mechanisms, and the chat-model loader (the judge's)
 FROM_TRAIN = ("moe_empathy.train.taxonomy", "moe_empathy.train.chat_model")
@@ -30,12 +31,12 @@ WARM = ("I'm so sorry about your sister. Clearing her home while you're grieving
 
 @pytest.fixture(scope="module")
 def lexical():
-    return get_scorer("lexical")
+    return get_scorer("lexical", calibrated=False)
 
 
 @pytest.fixture(scope="module")
 def embedding():
-    return get_scorer("embedding")
+    return get_scorer("embedding", calibrated=False)
 
 
 def _check(scores, n):
@@ -79,7 +80,7 @@ def test_score_scale_bounds():
 
 
 def test_hand_labelled_set_is_well_formed():
-    data = load_hand_labelled()
+    data = [json.loads(line) for line in (EVAL_DIR / "data" / "hand_labelled.jsonl").read_text().splitlines()]
     assert 40 <= len(data) <= 80
     assert len({d["id"] for d in data}) == len(data)
     for d in data:
@@ -87,18 +88,24 @@ def test_hand_labelled_set_is_well_formed():
         assert d["score"] in range(1, 6)
         assert all(d["mechanisms"][m] in (0, 1, 2) for m in ("emotional_reaction", "interpretation", "exploration"))
     assert {d["score"] for d in data} == {1, 2, 3, 4, 5}
+    assert len(load_hand_items()) == len(data)
 
 
 def test_validation_report_and_cli(tmp_path, capsys):
     report = validate_scorers(["lexical"])
-    assert report["lexical"]["n"] == len(load_hand_labelled())
-    assert report["lexical"]["spearman"] > 0.3  # agrees with the hand labels, far from chance
+    lexical = report["scorers"]["lexical"]
+    assert lexical["devset_heldout"]["raw"]["n"] == report["sets"]["devset_heldout"]["n"] > 100
+    assert lexical["hand_heldout"]["raw"]["spearman"] > 0.3  # agrees with the hand labels, far from chance
+    # the constant reference has no ranking and one MAE whether "calibrated" or not
+    assert report["sets"]["devset_heldout"]["constant"]["spearman"] is None
     parser = build_parser()
     args = parser.parse_args(["eval", "scorers", "--scorers", "lexical", "--json", str(tmp_path / "r.json")])
     args.func(args)
-    assert "lexical" in capsys.readouterr().out
-    assert json.loads((tmp_path / "r.json").read_text())["lexical"]["spearman"] == pytest.approx(
-        report["lexical"]["spearman"])
+    out = capsys.readouterr().out
+    assert "| lexical |" in out and "| constant" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["scorers"]["lexical"]["devset_heldout"]["calibrated"]["mae"] == pytest.approx(
+        lexical["devset_heldout"]["calibrated"]["mae"])
     with pytest.raises(ValueError, match="unknown scorer"):
         args.func(parser.parse_args(["eval", "scorers", "--scorers", "lexical,nope"]))
 
@@ -169,10 +176,10 @@ def tiny_chat_model(tokenizer):
 
 
 def test_judge_local_model(tiny_chat_model):
-    judge = get_scorer("judge", model=tiny_chat_model, batch_size=2)
+    judge = get_scorer("judge", calibrated=False, model=tiny_chat_model, batch_size=2)
     scores = judge.score([FLAT, WARM, "Sure."], [CONTEXT, CONTEXT, ""])
     _check(scores, 3)
-    again = get_scorer("judge", model=tiny_chat_model, batch_size=3).score([FLAT, WARM, "Sure."],
+    again = get_scorer("judge", calibrated=False, model=tiny_chat_model, batch_size=3).score([FLAT, WARM, "Sure."],
                                                                           [CONTEXT, CONTEXT, ""])
     # left padding: a prompt's rating does not depend on its batch mates
     assert [s.score for s in again] == pytest.approx([s.score for s in scores], abs=1e-4)
@@ -209,7 +216,7 @@ def test_judge_http_endpoint_against_local_stub():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        judge = get_scorer("judge", endpoint=f"http://127.0.0.1:{server.server_port}/v1",
+        judge = get_scorer("judge", calibrated=False, endpoint=f"http://127.0.0.1:{server.server_port}/v1",
                            endpoint_model="stub", api_key="test-key", timeout=10)
         flat, warm = judge.score([FLAT, WARM], [CONTEXT, CONTEXT])
     finally:
@@ -227,5 +234,5 @@ def test_judge_http_endpoint_against_local_stub():
 
 @pytest.mark.slow
 def test_judge_with_embedded_smollm2_orders_clear_cut_examples():
-    flat, warm = get_scorer("judge").score([FLAT, WARM], [CONTEXT, CONTEXT])
+    flat, warm = get_scorer("judge", calibrated=False).score([FLAT, WARM], [CONTEXT, CONTEXT])
     assert warm.score > flat.score
