@@ -8,7 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 DEFAULT_EXPERT_NAMES = ["low", "medium", "high"]
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GATE_TYPES = ("soft", "top_k")
-GATE_MEMORIES = ("none", "ema")
+GATE_MEMORIES = ("none", "ema", "gru")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
@@ -37,9 +37,11 @@ class MoeEmpathyConfig(PretrainedConfig):
         gate_top_k: experts kept per turn when ``gate_type="top_k"``.
         gate_temperature: softmax temperature of the gate logits.
         gate_hidden_size: width of the gate's hidden layer; 0 makes the gate one linear layer.
-        gate_memory: ``"none"`` (each turn's gate reads its own user message) or ``"ema"``
-            (an exponential moving average of the pooled turns carries context across turns).
+        gate_memory: ``"none"`` (each turn's gate reads its own user message), ``"ema"`` (an
+            exponential moving average of the pooled turns carries context across turns) or
+            ``"gru"`` (a recurrent cell over the turns' pools and the previous decisions).
         gate_memory_decay: weight of the past in the ``"ema"`` memory, in ``[0, 1)``.
+        gate_memory_size: width of the ``"gru"`` memory's state.
         gate_label_loss_weight: weight of the supervised gate loss against per-turn labels.
         load_balancing_loss_weight: weight of the load-balancing loss over experts.
         z_loss_weight: weight of the router z-loss on the gate logits.
@@ -66,6 +68,7 @@ class MoeEmpathyConfig(PretrainedConfig):
     gate_hidden_size: int = 128
     gate_memory: str = "none"
     gate_memory_decay: float = 0.5
+    gate_memory_size: int = 64
     gate_label_loss_weight: float = 1.0
     load_balancing_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
@@ -128,6 +131,8 @@ class MoeEmpathyConfig(PretrainedConfig):
             _fail("gate_memory", self.gate_memory, f"allowed values are {GATE_MEMORIES}")
         if not 0.0 <= self.gate_memory_decay < 1.0:
             _fail("gate_memory_decay", self.gate_memory_decay, "use a number in [0, 1)")
+        if not isinstance(self.gate_memory_size, int) or self.gate_memory_size < 1:
+            _fail("gate_memory_size", self.gate_memory_size, "use an integer >= 1")
         for field in ("gate_label_loss_weight", "load_balancing_loss_weight", "z_loss_weight"):
             if getattr(self, field) < 0:
                 _fail(field, getattr(self, field), "use a weight >= 0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -45,6 +46,9 @@ class GateCall:
         top_k: the experts kept per token for the kernels' sparse path, or None for dense.
         output: the gate's decision, once made.
         plan: the routing of this forward's tokens, once built (or given when continuing a turn).
+        labels: ``[batch, turns]`` expert index of each turn (-100 = none) to route by, in
+            training under ``route_by_labels``; None routes by the gate's own weights.
+        label_share: the labels' share of each labelled turn's routing (1 = hard by label).
     """
 
     gate: TurnGate
@@ -55,11 +59,32 @@ class GateCall:
     top_k: int | None
     output: GateOutput | None = None
     plan: RoutingPlan | None = None
+    labels: torch.Tensor | None = None
+    label_share: float = 0.0
 
 
 def routing_top_k(config: MoeEmpathyConfig, forced: torch.Tensor | None) -> int | None:
     """The experts a top-k gate keeps per token; None for a soft gate or a forced mixture."""
     return config.gate_top_k if config.gate_type == "top_k" and forced is None else None
+
+
+def label_routing(weights: torch.Tensor, labels: torch.Tensor, share: float) -> torch.Tensor:
+    """Routing weights that follow the turns' labels: on each labelled turn
+    ``share x one_hot(label) + (1 - share) x`` the gate's weights; unlabelled turns keep the gate's.
+
+    Args:
+        weights: ``[batch, turns, E]`` the gate's weights.
+        labels: ``[batch, turns]`` expert index of each turn, -100 (any negative) for none.
+        share: in ``[0, 1]``.
+    """
+    if labels.shape != weights.shape[:2]:
+        raise ValueError(
+            f"gate_labels has shape {tuple(labels.shape)} but the input has {tuple(weights.shape[:2])} (batch, turns); "
+            "give one label per turn of each row (-100 where a turn has none)"
+        )
+    one_hot = F.one_hot(labels.clamp(min=0), weights.shape[-1]).to(weights.dtype)  # [batch, turns, E]
+    mixed = share * one_hot + (1.0 - share) * weights
+    return torch.where((labels >= 0).unsqueeze(-1), mixed, weights)
 
 
 def plan_turns(turn_weights: torch.Tensor, turn_ids: torch.Tensor, top_k: int | None, may_fold: bool) -> RoutingPlan:
@@ -87,6 +112,8 @@ def deciding_call(
     gate_mask: torch.Tensor | None,
     state: GateState | None,
     forced: torch.Tensor | None,
+    gate_labels: torch.Tensor | None = None,
+    label_share: float = 0.0,
 ) -> GateCall:
     """The call of a forward whose turns the gate decides (a prefill, a training batch).
 
@@ -97,6 +124,8 @@ def deciding_call(
             markers when ``turn_ids`` is None (without token ids the input is one turn).
         state: the gate's state carried on the KV cache, or None.
         forced: a forced mixture, or None.
+        gate_labels, label_share: route the labelled turns by their labels with this share
+            (:func:`label_routing`); ignored when ``label_share`` is 0 or there are no labels.
     """
     reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
     shape = tuple(reference.shape)
@@ -115,7 +144,10 @@ def deciding_call(
     elif tuple(gate_mask.shape) != shape:
         raise ValueError(f"gate_mask has shape {tuple(gate_mask.shape)} but input_ids has {shape}")
     device = reference.device
-    return GateCall(gate, turn_ids.to(device), gate_mask.to(device), state, forced, routing_top_k(config, forced))
+    labels = gate_labels.to(device) if gate_labels is not None and label_share > 0 and forced is None else None
+    return GateCall(
+        gate, turn_ids.to(device), gate_mask.to(device), state, forced, routing_top_k(config, forced), labels=labels, label_share=label_share
+    )
 
 
 def continuing_call(gate: TurnGate, config: MoeEmpathyConfig, state: GateState | None, seq: int, forced: torch.Tensor | None) -> GateCall:
@@ -166,7 +198,10 @@ def decide_gate_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
         call.output = call.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
         # Looking for a fold reads the weights back: only where a fold can be used (inference).
         may_fold = not torch.is_grad_enabled() and not layer.training
-        call.plan = plan_turns(call.output.weights, call.turn_ids, call.top_k, may_fold)
+        weights = call.output.weights  # [batch, turns, E]
+        if call.labels is not None:
+            weights = label_routing(weights, call.labels, call.label_share)
+        call.plan = plan_turns(weights, call.turn_ids, call.top_k, may_fold)
 
 
 class HandOverPlanHook:

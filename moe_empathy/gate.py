@@ -4,7 +4,11 @@ For turn ``k`` the gate reads the hidden states (entering decoder layer ``gate_l
 of the tokens with ``turn_ids == k`` and ``gate_mask == 1``: the user message and the
 template tokens around it, never the assistant reply. Each token's state is RMS-normalised
 before the mean, so the first token's huge "attention sink" norm cannot dominate the pool.
-With ``gate_memory="ema"`` an exponential moving average over the turns carries context.
+Memory across turns (``gate_memory``): ``"none"`` reads each turn alone; ``"ema"`` reads an
+exponential moving average of the pooled turns; ``"gru"`` runs a small recurrent cell over the
+turns, fed each turn's pooled state and the previous turn's decision, and decides from the
+turn's own pool together with the cell's state (so a follow-up question that says nothing of
+the user's state can still be routed by a shift several turns back).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ class GateState:
     Args:
         turn_weights: ``[batch, turns, E]`` weights of every turn seen so far.
         last_turn: ``[batch]`` the newest turn id of each row (its weights apply to new tokens).
-        memory: ``[batch, hidden]`` the ``"ema"`` context after ``last_turn``, else None.
+        memory: ``[batch, hidden]`` the ``"ema"`` context after ``last_turn``, or
+            ``[batch, gate_hidden_size]`` the ``"gru"`` state after it; None without memory.
         plan: the routing of tokens that continue turn ``last_turn`` (decoding its reply),
             built by the model on first use and reused at every decode step, else None.
     """
@@ -65,8 +70,9 @@ class TurnGate(nn.Module):
         gate_type: ``"soft"`` or ``"top_k"``.
         top_k: experts kept per turn for ``"top_k"``.
         temperature: softmax temperature.
-        memory: ``"none"`` or ``"ema"``.
+        memory: ``"none"``, ``"ema"`` or ``"gru"``.
         memory_decay: weight of the past in the ``"ema"`` memory.
+        memory_size: width of the ``"gru"`` state.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class TurnGate(nn.Module):
         temperature: float,
         memory: str,
         memory_decay: float,
+        memory_size: int = 0,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -88,12 +95,16 @@ class TurnGate(nn.Module):
         self.memory = memory
         self.memory_decay = memory_decay
         self.norm = nn.LayerNorm(hidden_size)
+        reads = hidden_size
+        if memory == "gru":
+            if memory_size < 1:
+                raise ValueError(f"a \"gru\" gate memory needs memory_size >= 1, got {memory_size}")
+            self.cell = nn.GRUCell(hidden_size + num_experts, memory_size)  # input: the turn's pool, the last decision
+            reads = hidden_size + memory_size
         if gate_hidden_size > 0:
-            self.proj = nn.Sequential(
-                nn.Linear(hidden_size, gate_hidden_size), nn.GELU(), nn.Linear(gate_hidden_size, num_experts)
-            )
+            self.proj = nn.Sequential(nn.Linear(reads, gate_hidden_size), nn.GELU(), nn.Linear(gate_hidden_size, num_experts))
         else:
-            self.proj = nn.Linear(hidden_size, num_experts)
+            self.proj = nn.Linear(reads, num_experts)
 
     def pool_turns(
         self, hidden: torch.Tensor, turn_ids: torch.Tensor, gate_mask: torch.Tensor, num_turns: int
@@ -145,6 +156,51 @@ class TurnGate(nn.Module):
             prev = ctx
             out.append(ctx)
         return torch.stack(out, 1), prev
+
+    def decide(
+        self, pooled: torch.Tensor, counts: torch.Tensor, carried: torch.Tensor, state: GateState | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits of every turn from the turns' pools, and the memory after the last one.
+
+        Args:
+            pooled: ``[batch, T, hidden]`` from :meth:`pool_turns`; counts: ``[batch, T]``;
+            carried: ``[batch, T]`` turns whose decision comes from ``state``.
+            state: the previous forward's state, or None.
+
+        Returns:
+            ``[batch, T, E]`` float32 logits (those of carried turns or turns without readable
+            tokens are not used) and the memory to carry (see :attr:`GateState.memory`).
+        """
+        if self.memory == "gru":
+            return self.recur(pooled, counts, carried, state)
+        ctx, memory = self.contexts(pooled, counts, carried, state)
+        return self.proj(self.norm(ctx.to(self.norm.weight.dtype))).float(), memory
+
+    def recur(
+        self, pooled: torch.Tensor, counts: torch.Tensor, carried: torch.Tensor, state: GateState | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``"gru"`` gate: turn by turn, the cell reads the turn's pool and the previous
+        decision, and the logits read the turn's pool and the cell's new state.
+
+        Args: as for :meth:`decide`.
+        """
+        batch, num_turns, _ = pooled.shape
+        x = self.norm(pooled.to(self.norm.weight.dtype))  # [batch, T, hidden]
+        memory = state.memory if state is not None else None
+        h = memory if memory is not None else x.new_zeros(batch, self.cell.hidden_size)  # [batch, M]
+        last = x.new_zeros(batch, self.num_experts)  # [batch, E] the previous turn's decision
+        if state is not None:
+            index = state.last_turn.clamp(min=0).view(-1, 1, 1).expand(-1, 1, self.num_experts)
+            last = (state.turn_weights.gather(1, index).squeeze(1) * (state.last_turn >= 0).unsqueeze(-1)).to(x.dtype)
+        logits = []
+        for k in range(num_turns):
+            deciding = ((counts[:, k] > 0) & ~carried[:, k]).unsqueeze(-1)  # [batch, 1]
+            h_new = self.cell(torch.cat([x[:, k], last], -1), h)  # [batch, M]
+            logit = self.proj(torch.cat([x[:, k], h_new], -1)).float()  # [batch, E]
+            h = torch.where(deciding, h_new, h)
+            last = torch.where(deciding, self.route(logit).detach().to(x.dtype), last)
+            logits.append(logit)
+        return torch.stack(logits, 1), h
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax (with temperature), then top-k renormalised for ``"top_k"`` gates.
@@ -203,8 +259,7 @@ class TurnGate(nn.Module):
             weights = rows.expand(batch, num_turns, -1).clone()
         elif fresh.any():
             pooled, counts = self.pool_turns(hidden, turn_ids, gate_mask, num_turns)
-            ctx, memory = self.contexts(pooled, counts, carried, state)
-            logits = self.proj(self.norm(ctx.to(self.norm.weight.dtype))).float()  # [batch, T, E]
+            logits, memory = self.decide(pooled, counts, carried, state)  # [batch, T, E]
             weights = self.route(logits)
         else:
             weights = hidden.new_zeros(batch, num_turns, self.num_experts, dtype=torch.float32)

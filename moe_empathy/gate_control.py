@@ -127,7 +127,7 @@ class RoutingLog:
 class GateControlMixin:
     """The gated model's controls. The model provides ``config``, ``model`` (the base),
     ``experts`` (``{path in model: MultiLoraLinear}``), ``_routing_hooks`` and the state these
-    methods switch: ``_forced``, ``_experts_disabled``, ``_merged`` and ``_routing_log``."""
+    methods switch: ``_forced``, ``_label_share``, ``_experts_disabled``, ``_merged`` and ``_routing_log``."""
 
     @contextmanager
     def force_gate(self, expert: ForcedSpec) -> Iterator["MoeEmpathyForCausalLM"]:
@@ -144,6 +144,24 @@ class GateControlMixin:
             yield self
         finally:
             self._forced = previous
+
+    @contextmanager
+    def route_by_labels(self, share: float = 1.0) -> Iterator["MoeEmpathyForCausalLM"]:
+        """Inside the block, a forward given ``gate_labels`` routes each labelled turn to its
+        labelled expert (teacher routing, for training the experts apart): the turn's mixture
+        is ``share x one_hot(label) + (1 - share) x`` the gate's. The gate still decides and
+        reports its own weights, so its losses and accuracy are those of its own choice.
+
+        Args:
+            share: the label's share of the routing, in ``[0, 1]`` (1 = hard by label).
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"route_by_labels takes a share in [0, 1] (1 = hard by label), got {share}")
+        previous, self._label_share = self._label_share, float(share)
+        try:
+            yield self
+        finally:
+            self._label_share = previous
 
     @contextmanager
     def disable_experts(self) -> Iterator["MoeEmpathyForCausalLM"]:

@@ -80,6 +80,8 @@ class MoeEmpathyPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GRUCell):
+            module.reset_parameters()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -121,8 +123,10 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
             config.gate_temperature,
             config.gate_memory,
             config.gate_memory_decay,
+            config.gate_memory_size,
         )
         self._forced: torch.Tensor | None = None
+        self._label_share = 0.0
         self._experts_disabled = False
         self._routing_log: RoutingLog | None = None
         self._routing_hooks = install_routing_hooks(decoder_layers(self.model), config.gate_layer, self._routing_slot)
@@ -248,7 +252,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
                 call = continuing_call(self.gate, self.config, gate_state, width, self._forced)
             else:
                 call = deciding_call(
-                    self.gate, self.config, input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state, self._forced
+                    self.gate, self.config, input_ids, inputs_embeds, attention_mask, turn_ids, gate_mask, gate_state, self._forced,
+                    gate_labels, self._label_share,
                 )
             kwargs[ROUTING_KWARG] = call
         try:

@@ -28,7 +28,8 @@ from moe_empathy.turns import find_turn_markers
 
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
-from .config_sections import TINY_BASE, model_config_kwargs
+from .config_sections import TINY_BASE, DataSection, model_config_kwargs
+from .gate_warmup import warm_up_gate
 from .hf_trainer import EncodedDialogues
 from .run import copy_model_files, run_training, write_summary
 from .synth_plan import SPLITS
@@ -133,14 +134,19 @@ def lora_model(config: TrainConfig, base: PreTrainedModel):
 # --------------------------------------------------------------------- data
 
 
-def ensure_corpus(config: TrainConfig, args: TrainingArguments) -> Path:
-    """``data.path``, generated first (main process) when missing and ``data.synthesize`` is set."""
-    path = Path(config.data.path)
+def ensure_corpus(data: DataSection, args: TrainingArguments) -> Path:
+    """``data.path``, generated first (main process) when missing and ``data.synthesize`` is set.
+
+    Args:
+        data: the config's ``data`` section (or the gate warm-up's).
+        args: the run's training arguments.
+    """
+    path = Path(data.path)
     with args.main_process_first(desc="synthesise the corpus"):
         if not path.exists():
             from .synth import SynthConfig, generate, write_corpus
 
-            s = config.data.synthesize
+            s = data.synthesize
             settings = {"backend": "template", "seed": s.seed, "dialogues": s.dialogues, "turns": f"{s.min_turns}-{s.max_turns}"}
             if args.should_save:
                 corpus = generate(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed))
@@ -148,14 +154,16 @@ def ensure_corpus(config: TrainConfig, args: TrainingArguments) -> Path:
     return path
 
 
-def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path: Path) -> dict[str, list[dict]]:
+def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path: Path, data: DataSection | None = None) -> dict[str, list[dict]]:
     """Encodes the corpus's three splits; validation and test are sorted by length (less padding).
 
     Args:
         config: the run's config.
         tokenizer: the run's tokenizer.
         path: the corpus folder.
+        data: the section with the limits (``max_length``, dialogue counts); default ``config.data``.
     """
+    data = data or config.data
     from datasets import load_from_disk
 
     corpus = load_from_disk(str(path))
@@ -163,16 +171,16 @@ def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path:
     if missing:
         raise ValueError(f"{path} lacks the split(s) {missing}; regenerate it with `moe-empathy synth`")
     markers = find_turn_markers(tokenizer)
-    limits = {"train": config.data.max_train_dialogues, "validation": config.data.max_eval_dialogues, "test": None}
+    limits = {"train": data.max_train_dialogues, "validation": data.max_eval_dialogues, "test": None}
     splits = {}
     for split in SPLITS:
         records = corpus[split]
         if limits[split] is not None:
             records = records.select(range(min(limits[split], len(records))))
-        rows = [encode_dialogue(r, tokenizer, markers, config.model.expert_names, config.data.max_length) for r in records]
+        rows = [encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length) for r in records]
         rows = [r for r in rows if r is not None]
         if not rows:
-            raise ValueError(f"no {split} dialogue fits data.max_length={config.data.max_length}; raise it")
+            raise ValueError(f"no {split} dialogue fits max_length={data.max_length}; raise it")
         splits[split] = rows if split == "train" else sorted(rows, key=lambda r: r["length"])
     return splits
 
@@ -194,10 +202,14 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     """
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
-    splits = encode_splits(config, tokenizer, ensure_corpus(config, args))
+    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if config.method in ("gated", "gated_from_experts"):
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
+        if config.gate_warmup is not None and resume is None:  # a resumed run's checkpoint holds the warmed-up gate
+            warmup = config.gate_warmup
+            warmup_splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, args), warmup.data)
+            warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir)
         data = {split: EncodedDialogues(rows) for split, rows in splits.items()}
         return run_training(config, model, pad, data, output_dir, max_steps, resume, description=config.method)
     if config.method == "single_lora":

@@ -41,6 +41,7 @@ from .config_sections import (
     PREFIX_CACHE_MODES,
     TINY_BASE,
     DataSection,
+    GateWarmupSection,
     ModelSection,
     TrainingExtras,
     TrainingSection,
@@ -60,6 +61,9 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    gate_warmup: GateWarmupSection | None = field(
+        default=None, metadata={"help": "gated methods: train the gate alone first, on long dialogues (None: no warm-up)"}
+    )
 
     def validate(self, check_paths: bool = True) -> None:
         """Raises a :class:`ConfigError` for inconsistent settings.
@@ -108,6 +112,20 @@ class TrainConfig:
             )
         if self.method != "gated_from_experts" and self.model.init_from_experts:
             raise ConfigError("model.init_from_experts is only used with method: gated_from_experts")
+        if not 0.0 <= self.training.label_routing <= 1.0:
+            raise ConfigError(f"training.label_routing: must lie in [0, 1] (1 = hard routing by label), got {self.training.label_routing}")
+        if self.method not in GATED_METHODS and (self.gate_warmup is not None or self.training.label_routing or self.training.freeze_gate):
+            raise ConfigError(
+                f"gate_warmup, training.label_routing and training.freeze_gate need a gated model, but method is "
+                f"{self.method!r}; remove them (an `extends:` baseline config can set gate_warmup: null)"
+            )
+        if self.gate_warmup is not None:
+            w = self.gate_warmup
+            if w.data.path is None:
+                raise ConfigError("gate_warmup.data.path is missing: a corpus folder (add gate_warmup.data.synthesize to create it)")
+            for key in ("epochs", "batch_size"):
+                if getattr(w, key) < 1:
+                    raise ConfigError(f"gate_warmup.{key}: must be >= 1, got {getattr(w, key)}")
         if self.data.path is None:
             raise ConfigError(
                 "data.path is missing: set it to a folder written by `moe-empathy synth --out DIR` "

@@ -132,6 +132,16 @@ class TrainingExtras:
     prefix_cache_dir: str | None = field(
         default=None, metadata={"help": "folder of the cache files; None: $MOE_EMPATHY_CACHE/prefix-cache"}
     )
+    label_routing: float = field(
+        default=0.0,
+        metadata={
+            "help": "gated models: each labelled turn is routed label_routing x its labelled expert + the rest x "
+            "the gate's mixture (1 = hard routing by label, which trains the experts apart; 0 = the gate's own)"
+        },
+    )
+    freeze_gate: bool = field(
+        default=False, metadata={"help": "gated models: keep the gate as it starts (e.g. after gate_warmup) and train the experts only"}
+    )
 
 
 ModelSection = dataclasses.make_dataclass(
@@ -201,3 +211,18 @@ class DataSection:
     bucket_size: int = field(
         default=32, metadata={"help": "global batches per bucket when sorting by length ('bucket' batching)"}
     )
+
+
+@dataclass
+class GateWarmupSection:
+    """Training the gate alone before the joint run (:mod:`.gate_warmup`): on its pooled turn
+    features of a corpus of long dialogues, computed once through the frozen layers below
+    ``gate_layer``."""
+
+    data: DataSection = field(
+        default_factory=DataSection, metadata={"help": "the warm-up corpus: path, synthesize, max_length, dialogue limits"}
+    )
+    epochs: int = field(default=40, metadata={"help": "passes over the warm-up corpus's training dialogues"})
+    batch_size: int = field(default=32, metadata={"help": "dialogues per optimizer step"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate (cosine decay to 0)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})

@@ -135,7 +135,9 @@ def forward_from_prefix(
     if model._experts_disabled:
         raise ValueError("the prefix-cached forward trains the experts; it cannot run inside model.disable_experts()")
     decoder = _decoder(model)
-    call = deciding_call(model.gate, model.config, None, prefix, attention_mask, turn_ids, gate_mask, None, model._forced)
+    call = deciding_call(
+        model.gate, model.config, None, prefix, attention_mask, turn_ids, gate_mask, None, model._forced, gate_labels, model._label_share
+    )
     kwargs = _layer_inputs(decoder, prefix, attention_mask)
     hidden = prefix
     for layer in decoder.layers[model.config.gate_layer : decoder.config.num_hidden_layers]:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -121,8 +122,12 @@ def run_training(
         trainer.add_callback(PrefixCacheCallback(cache))
     if config.training.progress_bar:
         trainer.add_callback(RichProgressCallback(description))
+    if with_gate and t.freeze_gate:
+        model.gate.requires_grad_(False)
+    routing = model.route_by_labels(t.label_routing) if with_gate and t.label_routing > 0 else nullcontext()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resolve_resume(resume))
+    with routing:  # evaluations during training route by label too; the final ones below by the gate
+        result = trainer.train(resume_from_checkpoint=resolve_resume(resume))
     elapsed = time.perf_counter() - start
     trainer.save_model(str(output_dir / "last"))
     if args.should_save and trainer.state.best_model_checkpoint:

@@ -48,7 +48,7 @@ def test_only_full_attention_layers_are_replaced():
     assert len(cache.layers) == 4 and all(type(layer) is GrowingLayer for layer in cache.layers)
 
 
-@pytest.mark.parametrize("memory", ["none", "ema"])
+@pytest.mark.parametrize("memory", ["none", "ema", "gru"])
 def test_generation_on_a_growing_cache_equals_a_dynamic_cache(tokenizer, dialogue, memory, monkeypatch):
     monkeypatch.setattr(cache_module, "MIN_CAPACITY", 8)  # regrow inside generate
     model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1, gate_memory=memory).eval()

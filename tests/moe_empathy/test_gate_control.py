@@ -119,3 +119,47 @@ def test_merge_and_unload_returns_the_base_with_the_mixture_in_plain_linears(mod
     assert all(not layer._forward_pre_hooks for layer in base.model.layers)
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs).logits, forced, rtol=1e-5, atol=1e-5)
+
+
+def test_route_by_labels_routes_each_labelled_turn_to_its_expert(model, tokenizer, dialogue):
+    """Teacher routing: the tokens of a turn labelled ``low`` see exactly the forced ``low`` expert,
+    while the gate still reports (and is trained on) its own weights."""
+    enc = encode_chat(tokenizer, dialogue)  # 3 turns
+    inputs = {k: enc[k] for k in ("input_ids", "turn_ids", "gate_mask")}
+    early = enc["turn_ids"][0] <= 1  # [seq] tokens of turns 0 and 1
+    labels = torch.tensor([[0, 0, 2]])
+    with torch.no_grad():
+        own = model(**inputs)
+        with model.route_by_labels(1.0):
+            routed = model(**inputs, gate_labels=labels)
+            unlabelled = model(**inputs, gate_labels=torch.full_like(labels, -100))
+        with model.route_by_labels(0.0):
+            no_share = model(**inputs, gate_labels=labels)
+        with model.force_gate("low"):
+            low = model(**inputs)
+    torch.testing.assert_close(routed.logits[0, early], low.logits[0, early])
+    assert not torch.allclose(routed.logits[0, ~early], low.logits[0, ~early])
+    assert torch.equal(routed.gate_weights, own.gate_weights)
+    assert torch.equal(unlabelled.logits, own.logits)
+    assert torch.equal(no_share.logits, own.logits)
+    with pytest.raises(ValueError, match=r"share in \[0, 1\]"):
+        with model.route_by_labels(1.5):
+            pass
+    with model.route_by_labels(1.0), pytest.raises(ValueError, match="one label per turn"):
+        model(**inputs, gate_labels=torch.tensor([[0, 1]]))
+
+
+def test_hard_label_routing_trains_only_the_labelled_experts(model, tokenizer, dialogue):
+    enc = encode_chat(tokenizer, dialogue)
+    inputs = {k: enc[k] for k in ("input_ids", "turn_ids", "gate_mask")}
+    model.zero_grad()
+    with model.route_by_labels(1.0):
+        model(**inputs, labels=enc["input_ids"], gate_labels=torch.tensor([[0, 0, 2]])).loss.backward()
+    grads = {name: 0.0 for name in model.expert_names}
+    for param_name, param in model.named_parameters():
+        if param.grad is not None and "lora_" in param_name:
+            for index, name in enumerate(model.expert_names):
+                grads[name] += param.grad[index].abs().sum().item()
+    assert grads["low"] > 0 and grads["high"] > 0 and grads["medium"] == 0
+    assert model.gate.proj[-1].weight.grad.abs().sum() > 0  # the gate learns from its label loss
+    model.zero_grad()

@@ -160,7 +160,7 @@ def test_turns_are_derived_from_the_template_when_not_given(model, tokenizer, di
     assert torch.equal(explicit.gate_weights, derived.gate_weights)
 
 
-@pytest.mark.parametrize("memory", ["none", "ema"])
+@pytest.mark.parametrize("memory", ["none", "ema", "gru"])
 @pytest.mark.parametrize("gate_type", ["soft", "top_k"])
 def test_generate_with_cache_equals_without(tokenizer, dialogue, memory, gate_type):
     model = MoeEmpathyForCausalLM.from_base(
@@ -247,7 +247,7 @@ def test_from_base_accepts_a_local_folder(tokenizer, tmp_path, dialogue):
         MoeEmpathyForCausalLM.from_base(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("memory", ["none", "ema"])
+@pytest.mark.parametrize("memory", ["none", "ema", "gru"])
 def test_a_dialogue_continued_on_its_cache_equals_a_full_forward(tokenizer, dialogue, memory):
     """Multi-turn rollouts: each turn prefills only the new user message on the carried cache."""
     from transformers import DynamicCache

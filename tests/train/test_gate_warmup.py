@@ -1,0 +1,123 @@
+"""The gate's warm-up on cached turn features, and training the experts apart by label."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.losses import IGNORE_INDEX
+from moe_empathy.train.collate import encode_dialogue
+from moe_empathy.train.config import ConfigError
+from moe_empathy.train.config_sections import GateWarmupSection
+from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, load_features, save_features, train_gate, turn_features
+from moe_empathy.train.synth import SynthConfig, generate
+from moe_empathy.train.trainer import train
+from moe_empathy.turns import find_turn_markers
+from test_prefix_cache import NAMES, _base
+from train_support import tiny_config
+
+
+@pytest.fixture(scope="module")
+def long_rows(tokenizer) -> list[dict]:
+    """Six encoded dialogues of 4-9 turns (different lengths, so batches are padded)."""
+    records = generate(SynthConfig(dialogues=30, min_turns=4, max_turns=9, seed=7))["train"][:6]
+    markers = find_turn_markers(tokenizer)
+    return [encode_dialogue(r, tokenizer, markers, NAMES, 2048) for r in records]
+
+
+@pytest.mark.parametrize("memory", ["none", "gru"])
+def test_features_give_the_logits_of_the_models_own_forward(tokenizer, long_rows, memory):
+    """The warm-up trains exactly what the model's forward computes from the same dialogue."""
+    model = MoeEmpathyForCausalLM.from_base(
+        _base(), tokenizer=tokenizer, lora_rank=4, gate_layer=2, gate_memory=memory, gate_memory_size=8, expert_names=NAMES
+    ).eval()
+    features = turn_features(model, long_rows, pad_token_id=2, batch_size=4)
+    logits, _ = model.gate.decide(features.pooled, features.counts, torch.zeros_like(features.counts, dtype=torch.bool), None)
+    for i, row in enumerate(long_rows):
+        turns = len(row["gate_labels"])
+        with torch.no_grad():
+            out = model(**{k: torch.tensor([row[k]]) for k in ("input_ids", "turn_ids", "gate_mask")})
+        torch.testing.assert_close(logits[i, :turns], out.gate_logits[0], rtol=1e-4, atol=1e-5)
+        assert features.labels[i, :turns].tolist() == row["gate_labels"]
+        assert (features.labels[i, turns:] == IGNORE_INDEX).all() and (features.counts[i, turns:] == 0).all()
+
+
+def _remembered(dialogues: int, turns: int, hidden: int, seed: int) -> TurnFeatures:
+    """Features whose label is set by a signal seen only at the turns where it changes, as a
+    state-changing message is followed by follow-up questions that say nothing of the state."""
+    generator = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(dialogues, turns, hidden, generator=generator) * 0.1
+    labels = torch.zeros(dialogues, turns, dtype=torch.long)
+    for d in range(dialogues):
+        label = int(torch.randint(3, (1,), generator=generator))
+        for t in range(turns):
+            if t == 0 or torch.rand(1, generator=generator) < 0.2:
+                label = int(torch.randint(3, (1,), generator=generator))
+                pooled[d, t, label] += 3.0  # the signal, only on the turn that changes the state
+            labels[d, t] = label
+    return TurnFeatures(pooled, torch.ones(dialogues, turns, dtype=torch.long), labels)
+
+
+@pytest.mark.parametrize("memory", ["none", "gru"])
+def test_warm_up_learns_what_only_a_memory_can_carry(tokenizer, memory):
+    hidden = 16
+    model = MoeEmpathyForCausalLM.from_base(
+        _base(), tokenizer=tokenizer, lora_rank=4, gate_layer=2, gate_memory=memory, gate_memory_size=16, expert_names=NAMES
+    )
+    model.gate = type(model.gate)(hidden, 3, 32, "soft", 1, 1.0, memory, 0.5, 16)  # a gate reading 16-wide features
+    train_set, validation = _remembered(192, 12, hidden, seed=0), _remembered(64, 12, hidden, seed=1)
+    log = train_gate(model, train_set, validation, GateWarmupSection(epochs=30, batch_size=32, learning_rate=1e-2), seed=0)
+    accuracy = accuracy_by_turn(model, validation)
+    assert accuracy["all"] == log["best"]["validation_accuracy"]["all"]  # the best state is the one kept
+    if memory == "gru":
+        assert accuracy["all"] > 0.9
+    else:  # each turn alone: right on the changing turns, chance-like on the others
+        assert accuracy["all"] < 0.7
+
+
+def test_features_are_saved_and_read_back(tmp_path):
+    features = {"train": _remembered(4, 5, 8, seed=0), "test": _remembered(2, 3, 8, seed=1)}
+    save_features(features, tmp_path / "f.safetensors")
+    again = load_features(tmp_path / "f.safetensors")
+    assert again.keys() == features.keys()
+    for name, f in features.items():
+        for key in ("pooled", "counts", "labels"):
+            assert torch.equal(getattr(again[name], key), getattr(f, key))
+
+
+def test_a_run_with_warm_up_and_label_routing(corpus_dir, tmp_path):
+    """The warm-up writes its log and the joint run keeps its gate (freeze_gate) while the
+    experts train by label."""
+    config = tiny_config(
+        corpus_dir,
+        model={"gate_memory": "gru", "gate_memory_size": 8},
+        gate_warmup={"data": {"path": str(corpus_dir), "max_length": 256}, "epochs": 3, "batch_size": 16},
+        training={"max_steps": 3, "eval_steps": 3, "label_routing": 1.0, "freeze_gate": True},
+    )
+    train(config, output_dir=tmp_path / "run")
+    log = json.loads((tmp_path / "run" / "gate_warmup.json").read_text())
+    assert len(log["epochs"]) == 3 and log["turns"]["train"] > 0
+    assert 0.0 <= log["test_accuracy"]["all"] <= 1.0
+    warmed = load_features(tmp_path / "run" / "gate_features.safetensors")
+    assert set(warmed) == {"train", "validation", "test"}
+    trained = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "run" / "last")
+    accuracy = accuracy_by_turn(trained, warmed["test"])
+    assert accuracy["all"] == pytest.approx(log["test_accuracy"]["all"])  # the frozen gate is the warmed-up one
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"training": {"label_routing": 1.5}}, "label_routing: must lie in"),
+        ({"method": "single_lora", "training": {"label_routing": 1.0}}, "need a gated model"),
+        ({"method": "per_level", "gate_warmup": {"data": {"path": "x"}}}, "need a gated model"),
+        ({"gate_warmup": {"epochs": 2}}, "gate_warmup.data.path is missing"),
+        ({"gate_warmup": {"data": {"path": "x"}, "epochs": 0}}, "gate_warmup.epochs"),
+    ],
+)
+def test_warm_up_and_label_routing_settings_are_checked(corpus_dir, sections, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(corpus_dir, **sections)

@@ -1,0 +1,255 @@
+"""Training the gate alone, before the joint run, on long dialogues (``gate_warmup`` in a config).
+
+The gate reads the hidden states entering decoder layer ``gate_layer``. Everything below that
+layer is frozen and has no experts, so those states, and the gate's pooled turn features, are
+constants of training: they are computed once per dialogue (a forward through the frozen
+layers, no backward) and the gate (its norm, memory and projection) is then trained on them for
+many epochs in seconds. Long dialogues (up to the evaluation's 30 turns) cost one forward each,
+which the joint run, with its backward through the layers above, could not afford.
+
+The objective is the gate's own part of the joint objective (:func:`moe_empathy.losses.gate_turn_losses`):
+label cross-entropy, plus the load-balancing and z-losses at the model's weights. The state
+with the best validation accuracy is kept; ``gate_warmup.json`` in the run folder logs every
+epoch and the accuracy by turn position.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from moe_empathy.losses import IGNORE_INDEX, gate_turn_losses
+from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.utils import atomic_write_text
+
+from .config_sections import GateWarmupSection
+from .prefix_cache import compute_prefix
+
+WARMUP_LOG = "gate_warmup.json"
+FEATURES_FILE = "gate_features.safetensors"  # kept for studying the gate (load_features)
+# Turn positions (1-based, inclusive) the accuracy is reported for, as the evaluation buckets them.
+TURN_BUCKETS = {"turns 1-6": (1, 6), "turns 7-15": (7, 15), "turns 16-30": (16, 30), "turns 31+": (31, 10**6)}
+
+
+@dataclass
+class TurnFeatures:
+    """The gate's inputs for a set of dialogues.
+
+    Args:
+        pooled: ``[dialogues, turns, hidden]`` float32 pooled states of each turn (:meth:`TurnGate.pool_turns`).
+        counts: ``[dialogues, turns]`` readable tokens of each turn (0 on turns a dialogue lacks).
+        labels: ``[dialogues, turns]`` expert index of each turn, ``IGNORE_INDEX`` for none.
+    """
+
+    pooled: torch.Tensor
+    counts: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def select(self, index: torch.Tensor) -> "TurnFeatures":
+        """The features of the dialogues at ``index``."""
+        return TurnFeatures(self.pooled[index], self.counts[index], self.labels[index])
+
+
+def _padded(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``turn_ids`` and ``gate_mask`` of encoded rows."""
+    width = max(r["length"] for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), width), pad_token_id),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "turn_ids": torch.full((len(rows), width), -1),
+        "gate_mask": torch.zeros(len(rows), width, dtype=torch.long),
+    }
+    for i, r in enumerate(rows):
+        n = r["length"]
+        out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+        out["attention_mask"][i, :n] = 1
+        out["turn_ids"][i, :n] = torch.tensor(r["turn_ids"])
+        out["gate_mask"][i, :n] = torch.tensor(r["gate_mask"])
+    return out
+
+
+@torch.no_grad()
+def turn_features(model: MoeEmpathyForCausalLM, rows: list[dict], pad_token_id: int, batch_size: int = 4, progress: Progress | None = None) -> TurnFeatures:
+    """The gate's pooled turn features of encoded dialogues (a forward through the layers below ``gate_layer``).
+
+    Args:
+        model: the gated model.
+        rows: encoded dialogues (:func:`.collate.encode_dialogue`).
+        pad_token_id: the tokenizer's padding id.
+        batch_size: dialogues per forward (sorted by length, so little is padded).
+        progress: a progress bar to advance by one per dialogue, or None.
+    """
+    if not rows:
+        raise ValueError("turn_features needs at least one dialogue")
+    device = next(model.parameters()).device
+    num_turns = max(len(r["gate_labels"]) for r in rows)
+    hidden = model.config.text_config.hidden_size
+    pooled = torch.zeros(len(rows), num_turns, hidden)
+    counts = torch.zeros(len(rows), num_turns, dtype=torch.long)
+    labels = torch.full((len(rows), num_turns), IGNORE_INDEX)
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["length"])
+    task = progress.add_task("gate features", total=len(rows)) if progress is not None else None
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in _padded([rows[i] for i in index], pad_token_id).items()}
+        states = compute_prefix(model, batch["input_ids"], batch["attention_mask"])  # [b, seq, hidden]
+        p, c = model.gate.pool_turns(states, batch["turn_ids"], batch["gate_mask"], num_turns)  # [b, T, hidden], [b, T]
+        pooled[index] = p.float().cpu()
+        counts[index] = c.cpu()
+        for i in index:
+            labels[i, : len(rows[i]["gate_labels"])] = torch.tensor(rows[i]["gate_labels"])
+        if progress is not None:
+            progress.advance(task, len(index))
+    return TurnFeatures(pooled, counts, labels)
+
+
+def save_features(features: dict[str, TurnFeatures], path: Path) -> None:
+    """Writes each split's features to one safetensors file (atomically).
+
+    Args:
+        features: split name -> features.
+        path: the file.
+    """
+    tensors = {f"{name}.{key}": getattr(f, key).contiguous() for name, f in features.items() for key in ("pooled", "counts", "labels")}
+    staging = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(staging))
+    os.replace(staging, path)
+
+
+def load_features(path: str | os.PathLike) -> dict[str, TurnFeatures]:
+    """Reads what :func:`save_features` wrote.
+
+    Args:
+        path: the file.
+    """
+    tensors = load_file(str(path))
+    names = sorted({key.split(".")[0] for key in tensors})
+    return {name: TurnFeatures(tensors[f"{name}.pooled"], tensors[f"{name}.counts"], tensors[f"{name}.labels"]) for name in names}
+
+
+def gate_step(model: MoeEmpathyForCausalLM, features: TurnFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's objective on a batch of features, and its logits.
+
+    Args:
+        model: the gated model (its gate and loss weights).
+        features: the batch.
+
+    Returns:
+        The loss (label cross-entropy per labelled turn + the weighted load-balancing and
+        z-losses) and the ``[batch, turns, E]`` logits.
+    """
+    gate, config = model.gate, model.config
+    decided = features.counts > 0  # [batch, T]
+    carried = torch.zeros_like(decided)
+    logits, _ = gate.decide(features.pooled, features.counts, carried, None)  # [batch, T, E]
+    turns = gate_turn_losses(logits, gate.route(logits), decided, features.labels, config.gate_temperature)
+    labelled = turns.labelled.sum().clamp(min=1)
+    loss = turns.labelled_sum(config) / labelled + config.load_balancing_loss_weight * turns.load_balancing
+    return loss, logits
+
+
+@torch.no_grad()
+def accuracy_by_turn(model: MoeEmpathyForCausalLM, features: TurnFeatures) -> dict[str, float | None]:
+    """The gate's top expert against the labels: over all labelled turns and per :data:`TURN_BUCKETS`.
+
+    Args:
+        model: the gated model.
+        features: the dialogues to score.
+    """
+    _, logits = gate_step(model, features)
+    labelled = (features.labels != IGNORE_INDEX) & (features.counts > 0)  # [n, T]
+    right = (logits.argmax(-1) == features.labels) & labelled
+    position = torch.arange(1, labelled.shape[1] + 1).expand_as(labelled)
+    out = {"all": (right.sum() / labelled.sum()).item() if labelled.any() else None}
+    for name, (low, high) in TURN_BUCKETS.items():
+        inside = labelled & (position >= low) & (position <= high)
+        out[name] = (right & inside).sum().item() / inside.sum().item() if inside.any() else None
+    return out
+
+
+def train_gate(model: MoeEmpathyForCausalLM, train: TurnFeatures, validation: TurnFeatures, section: GateWarmupSection, seed: int, progress: Progress | None = None) -> dict:
+    """Trains ``model.gate`` on features; keeps the state with the best validation accuracy.
+
+    Args:
+        model: the gated model; only its gate changes.
+        train, validation: the features to train and select on.
+        section: epochs, batch size, learning rate, weight decay.
+        seed: seed of the batch order.
+        progress: a progress bar, or None.
+
+    Returns:
+        The log: one entry per epoch (train loss, validation accuracy by turn) and the best epoch.
+    """
+    gate = model.gate
+    gate.train()
+    params = [p for p in gate.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=section.learning_rate, weight_decay=section.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / section.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=section.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    epochs, best, best_state = [], None, None
+    task = progress.add_task("gate warm-up", total=section.epochs) if progress is not None else None
+    for epoch in range(1, section.epochs + 1):
+        order, total = torch.randperm(len(train), generator=generator), 0.0
+        for start in range(0, len(train), section.batch_size):
+            loss, _ = gate_step(model, train.select(order[start : start + section.batch_size]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        gate.eval()
+        accuracy = accuracy_by_turn(model, validation)
+        gate.train()
+        epochs.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "validation_accuracy": accuracy})
+        if best is None or accuracy["all"] > best["validation_accuracy"]["all"]:
+            best, best_state = epochs[-1], copy.deepcopy(gate.state_dict())
+        if progress is not None:
+            progress.advance(task)
+    gate.load_state_dict(best_state)
+    gate.eval()
+    return {"epochs": epochs, "best": best}
+
+
+def warm_up_gate(
+    model: MoeEmpathyForCausalLM, splits: dict[str, list[dict]], pad_token_id: int, section: GateWarmupSection, seed: int, output_dir: str | os.PathLike
+) -> dict:
+    """Computes the gate's features of the warm-up corpus, trains the gate on them, and writes
+    ``gate_warmup.json`` (the log, and the test split's accuracy by turn) to ``output_dir``.
+
+    Args:
+        model: the gated model.
+        splits: the warm-up corpus's encoded ``train``, ``validation`` and ``test`` dialogues.
+        pad_token_id: the tokenizer's padding id.
+        section: the config's ``gate_warmup`` section.
+        seed: the run's seed.
+        output_dir: the run folder.
+
+    Returns:
+        What ``gate_warmup.json`` holds.
+    """
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(*columns, transient=False) as progress:
+        features = {name: turn_features(model, rows, pad_token_id, progress=progress) for name, rows in splits.items()}
+        save_features(features, output_dir / FEATURES_FILE)
+        before = accuracy_by_turn(model, features["test"])
+        log = train_gate(model, features["train"], features["validation"], section, seed, progress)
+    log["test_accuracy_before"] = before
+    log["test_accuracy"] = accuracy_by_turn(model, features["test"])
+    log["dialogues"] = {name: len(f) for name, f in features.items()}
+    log["turns"] = {name: int((f.labels != IGNORE_INDEX).sum()) for name, f in features.items()}
+    atomic_write_text(output_dir / WARMUP_LOG, json.dumps(log, indent=1) + "\n")
+    return log
