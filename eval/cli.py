@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +21,7 @@ from .acceptance import AcceptanceTargets, RunSize, check_targets
 from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
 from .metrics import build_table, compute_metrics, score_rollouts
 from .progress import RunProgress, check_progress
+from .references import reader_ceilings, reference_gaps
 from .report import check_output_dir, plot_gate_heatmaps, write_outputs
 from .rollout import MODES, DialogueRollout, progress_bar, rollout
 from .scorers import SCORERS, get_scorer
@@ -29,6 +31,7 @@ from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
 # The size of the evaluation the issue asks for: the defaults of `eval run`, and the run the
 # time budget (--target-minutes) is about.
 FULL_RUN = RunSize(dialogues=40, turns=30, systems=len(SYSTEMS), max_new_tokens=48)
+READER_TRAIN_DIALOGUES = 400  # training-split dialogues the readers' lookups are fitted on (about 10 s)
 
 
 def _names(text: str) -> list[str]:
@@ -135,6 +138,24 @@ def acceptance_targets(args: argparse.Namespace) -> AcceptanceTargets:
     )
 
 
+def reader_training_split(args: argparse.Namespace) -> tuple[list[dict] | None, str]:
+    """The generator's training split that the readers' lookups are fitted on: synthesised with
+    the evaluation's seed and length (disjoint scenarios from its held-out split), or the
+    ``train`` split of a ``--data`` corpus folder.
+
+    Args:
+        args: the parsed command line of ``eval run``.
+
+    Returns:
+        ``(records, "")``, or ``(None, why)`` when ``--data`` is a single file (no training split).
+    """
+    if args.data is None:
+        return synthesise_split("train", READER_TRAIN_DIALOGUES, args.turns, args.seed), ""
+    if Path(args.data).is_file():
+        return None, f"--data {args.data} is a single file, without the corpus's training split"
+    return load_split(args.data, "train"), ""
+
+
 def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | None = None) -> dict:
     """Runs ``moe-empathy eval run``: checks every input first, then rolls out, scores, and writes.
 
@@ -194,6 +215,12 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
         scored[scorer_name] = {name: score_rollouts(played, scorer) for name, played in rollouts.items()}
     tables = {name: build_table(rollouts, scored[name], model.expert_names) for name in scorer_names}
     results = {name: compute_metrics(tables[name], args.tolerance, samples=args.bootstrap) for name in scorer_names}
+    references = reference_gaps(tables[scorer_names[0]], np.arange(len(records)), args.bootstrap, 0)
+    train, why = reader_training_split(args)
+    if train is None:
+        notes.append(f"Label ceilings of simple readers not computed: {why}.")
+    else:
+        references["readers"] = reader_ceilings(train, records, args.bootstrap, 0)
     turns_played = max(len(r["turns"]) // 2 for r in records)
     timing = {"seconds": elapsed, "dialogues": len(records), "turns": turns_played, "systems": len(systems), "max_new_tokens": args.max_new_tokens}
     notes += [f"{s.name}: {s.description}." for s in systems if s.name == "external" and s.sources.get("experts") == "gated model's experts"]
@@ -215,6 +242,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
             "expert_names": model.expert_names,
         },
         "targets": check_targets(results[scorer_names[0]], targets, timing),
+        "references": references,
         "scorers": results,
         "throughput": throughput,
         "timing": timing,

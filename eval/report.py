@@ -178,6 +178,58 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _references(metrics: dict, systems: dict) -> list[str]:
+    """The references section: the constant reply, the task-selection ceiling, the label
+    ceilings of simple readers, and a plain sentence per system that does not beat the
+    constant reply."""
+    refs = metrics.get("references")
+    if not refs:
+        return []
+    constant, by_task = refs["constant_reply"], refs["task_selection"]
+    parts = [
+        "## References without a model",
+        "",
+        "Gaps on the same scripts' targets, as a perfectly calibrated scorer would measure them: the same reply at every "
+        "turn (the best single fixed score) and the best fixed score per task (the ceiling of any choice made from the "
+        "task alone, e.g. `external` with perfect experts). A gap reduction against the base means little unless the gap "
+        "is also below these.",
+        "",
+        _table(["reference", "gap", "fixed score(s)"], [
+            ["constant reply", _ci(constant), f"{constant['score']:.2f}"],
+            ["task selection", _ci(by_task), ", ".join(f"{t} {v:.2f}" for t, v in by_task["scores"].items())],
+        ]),
+        "",
+    ]
+    for name, entry in systems.items():
+        gap = entry["overall"]["gap"]["value"]
+        if gap is None or constant["value"] is None:
+            continue
+        if gap >= constant["value"]:
+            parts.append(f"- `{name}` does **not** beat the constant-reply reference: its gap {gap:.2f} is not below "
+                         f"{constant['value']:.2f}, what the same reply at every turn would reach.")
+        else:
+            parts.append(f"- `{name}` beats the constant-reply reference: gap {gap:.2f} < {constant['value']:.2f}"
+                         + ("" if by_task["value"] is None or gap < by_task["value"] else
+                            f", but not the task-selection ceiling ({by_task['value']:.2f})") + ".")
+    parts += ["", "Helpfulness is not scored: no helpfulness scorer has been validated against people (in the rating "
+              "set nearly all model-written replies are rated 1 for helpfulness, too little spread to fit or test one). "
+              "Copy rate, distinct-2 and words per reply below are the signs of replies that stop helping.", ""]
+    readers = refs.get("readers")
+    if readers:
+        parts += [
+            "Label ceilings of simple readers: lookups fitted on the generator's training split (most frequent level "
+            "per key) and applied to these scripts; a key not seen in training falls back to the task's level, and "
+            "\"seen\" is the share of turns whose key was seen. Accuracy: share of turns whose level is recovered; gap: "
+            "the gap if every reply hit the recovered level's target.",
+            "",
+            _table(["reader", "accuracy", "gap", "seen"], [
+                [r["reader"], _ci(r["accuracy"], percent=True), _ci(r["gap"]), f"{100 * r['seen']:.0f}%"] for r in readers
+            ]),
+            "",
+        ]
+    return parts
+
+
 def render_report(metrics: dict) -> str:
     """The Markdown report of a :func:`write_outputs` metrics tree.
 
@@ -228,6 +280,9 @@ def render_report(metrics: dict) -> str:
             ],
         ),
         "",
+    ]
+    parts += _references(metrics, systems)
+    parts += [
         "## Repetition",
         "",
         "Copy rate: share of replies at least half of whose sentences appear verbatim in an earlier reply of the same "
