@@ -28,9 +28,11 @@ from .scorers import SCORERS, get_scorer
 from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
 
 
-# The size of the evaluation the issue asks for: the defaults of `eval run`, and the run the
-# time budget (--target-minutes) is about.
-FULL_RUN = RunSize(dialogues=40, turns=30, systems=len(SYSTEMS), max_new_tokens=48)
+# The two sizes of `eval run`, with the time each must fit on 2 CPU cores: the standard
+# evaluation (the defaults) and `--quick` for development. Both print the same tables.
+STANDARD_RUN = RunSize(dialogues=24, turns=30, systems=len(SYSTEMS), max_new_tokens=48)
+QUICK_RUN = RunSize(dialogues=8, turns=10, systems=len(SYSTEMS), max_new_tokens=32)
+RUN_MINUTES = {STANDARD_RUN: 30.0, QUICK_RUN: 5.0}
 READER_TRAIN_DIALOGUES = 400  # training-split dialogues the readers' lookups are fitted on (about 10 s)
 
 
@@ -59,8 +61,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="gated model folder (written by save_pretrained or `moe-empathy train`)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     parser.add_argument("--split", default="test", help="split of the dialogues (default test)")
-    parser.add_argument("--dialogues", type=int, default=FULL_RUN.dialogues, help="dialogues to play")
-    parser.add_argument("--turns", type=int, default=FULL_RUN.turns, help="turns to play per dialogue (at most)")
+    parser.add_argument("--quick", action="store_true", help=f"development size: {QUICK_RUN.dialogues} dialogues x {QUICK_RUN.turns} turns, {QUICK_RUN.max_new_tokens} new tokens (about {RUN_MINUTES[QUICK_RUN]:g} minutes on 2 cores); the same tables")
+    parser.add_argument("--dialogues", type=int, default=None, help=f"dialogues to play (default {STANDARD_RUN.dialogues}; {QUICK_RUN.dialogues} with --quick)")
+    parser.add_argument("--turns", type=int, default=None, help=f"turns to play per dialogue, at most (default {STANDARD_RUN.turns}; {QUICK_RUN.turns} with --quick)")
     parser.add_argument("--data", default=None, help="corpus folder or .json/.jsonl dialogue file (default: synthesise held-out dialogues of --turns turns)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -68,7 +71,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorers", default="lexical", help=f"comma-separated, from: {', '.join(SCORERS)}; the first drives the tables")
     parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
     parser.add_argument("--experts-dir", default=None, help="folder of per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
-    parser.add_argument("--max-new-tokens", type=int, default=FULL_RUN.max_new_tokens, help="reply length cap")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"reply length cap (default {STANDARD_RUN.max_new_tokens}; {QUICK_RUN.max_new_tokens} with --quick)")
     parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together (of equal length; every system plays a mixed batch)")
     parser.add_argument("--no-repeat-guard", action="store_true", help="decode every system without the repeat guard of the model's generation_config.json (for comparison)")
     parser.add_argument("--mode", choices=MODES, default="cached", help="carry the KV cache across turns, or re-encode every turn")
@@ -79,8 +82,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     targets = parser.add_argument_group("acceptance targets", "thresholds the report checks the gated model against (the metrics do not depend on them)")
     targets.add_argument("--target-gap-reduction", type=float, default=0.7266, help="least gap reduction of gated vs base, a fraction (default: the paper's 0.7266)")
     targets.add_argument("--target-gap-factor", type=float, default=1.05, help="most gap of gated as a multiple of external's (experts selected by task)")
-    targets.add_argument("--target-minutes", type=float, default=30.0,
-                         help=f"time budget of a full-size run ({FULL_RUN.dialogues} dialogues x {FULL_RUN.turns} turns x {FULL_RUN.systems} systems, {FULL_RUN.max_new_tokens} new tokens)")
+    targets.add_argument("--target-minutes", type=float, default=None,
+                         help=f"time budget of a run of the chosen size (default {RUN_MINUTES[STANDARD_RUN]:g} for the standard "
+                         f"{STANDARD_RUN.dialogues} x {STANDARD_RUN.turns} x {STANDARD_RUN.systems} systems, {RUN_MINUTES[QUICK_RUN]:g} with --quick)")
     parser.set_defaults(func=run_eval)
 
 
@@ -121,6 +125,23 @@ def run_settings(args: argparse.Namespace, model_dir: Path, records: list[dict],
     }
 
 
+def run_size(args: argparse.Namespace) -> RunSize:
+    """The size the run's time budget is about: ``--quick``'s or the standard one."""
+    return QUICK_RUN if args.quick else STANDARD_RUN
+
+
+def fill_run_size(args: argparse.Namespace) -> None:
+    """Sets ``--dialogues``, ``--turns`` and ``--max-new-tokens`` not given to the chosen size's (in place).
+
+    Args:
+        args: the parsed command line of ``eval run``.
+    """
+    size = run_size(args)
+    for name in ("dialogues", "turns", "max_new_tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(size, name))
+
+
 def acceptance_targets(args: argparse.Namespace) -> AcceptanceTargets:
     """The acceptance thresholds of the parsed command line.
 
@@ -130,12 +151,12 @@ def acceptance_targets(args: argparse.Namespace) -> AcceptanceTargets:
     Raises:
         ValueError: naming a threshold that is not positive.
     """
-    for flag in ("target_gap_reduction", "target_gap_factor", "target_minutes"):
-        if not getattr(args, flag) > 0:
-            raise ValueError(f"--{flag.replace('_', '-')} is {getattr(args, flag)}; pass a positive number")
-    return AcceptanceTargets(
-        gap_reduction=args.target_gap_reduction, gap_factor=args.target_gap_factor, minutes=args.target_minutes, full_run=FULL_RUN
-    )
+    size = run_size(args)
+    minutes = args.target_minutes if args.target_minutes is not None else RUN_MINUTES[size]
+    for flag, value in (("target_gap_reduction", args.target_gap_reduction), ("target_gap_factor", args.target_gap_factor), ("target_minutes", minutes)):
+        if not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} is {value}; pass a positive number")
+    return AcceptanceTargets(gap_reduction=args.target_gap_reduction, gap_factor=args.target_gap_factor, minutes=minutes, full_run=size)
 
 
 def reader_training_split(args: argparse.Namespace) -> tuple[list[dict] | None, str]:
@@ -175,6 +196,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
     console = Console(highlight=False)
     names = check_system_names(_names(args.systems))
     scorer_names = check_scorer_names(_names(args.scorers))
+    fill_run_size(args)
     targets = acceptance_targets(args)
     check_output_dir(args.out, args.overwrite)
     check_progress(args.out, args.resume)
