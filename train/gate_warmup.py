@@ -10,12 +10,15 @@ which the joint run, with its backward through the layers above, could not affor
 The objective is the gate's own part of the joint objective (:func:`moe_empathy.losses.gate_turn_losses`):
 label cross-entropy, plus the load-balancing and z-losses at the model's weights. The state
 with the best validation accuracy is kept; ``gate_warmup.json`` in the run folder logs every
-epoch and the accuracy by turn position.
+epoch and the accuracy by turn position. The features are kept in the run folder
+(``gate_features.safetensors``, with a fingerprint of the base below ``gate_layer`` and of the
+dialogues), so a run started again in the same folder reads them back instead of recomputing.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -31,7 +35,7 @@ from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_write_text
 
 from .config_sections import GateWarmupSection
-from .prefix_cache import compute_prefix
+from .prefix_cache import base_fingerprint, compute_prefix, corpus_fingerprint
 
 WARMUP_LOG = "gate_warmup.json"
 FEATURES_FILE = "gate_features.safetensors"  # kept for studying the gate (load_features)
@@ -114,17 +118,39 @@ def turn_features(model: MoeEmpathyForCausalLM, rows: list[dict], pad_token_id: 
     return TurnFeatures(pooled, counts, labels)
 
 
-def save_features(features: dict[str, TurnFeatures], path: Path) -> None:
+def features_fingerprint(model: MoeEmpathyForCausalLM, splits: dict[str, list[dict]]) -> str:
+    """A hash of what the features depend on: the base below ``gate_layer`` and the dialogues.
+
+    Args:
+        model: the gated model.
+        splits: the encoded dialogues of each split, in order.
+    """
+    parts = [base_fingerprint(model), str(model.config.gate_layer)]
+    parts += [f"{name}:{corpus_fingerprint(rows)}" for name, rows in sorted(splits.items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def save_features(features: dict[str, TurnFeatures], path: Path, fingerprint: str = "") -> None:
     """Writes each split's features to one safetensors file (atomically).
 
     Args:
         features: split name -> features.
         path: the file.
+        fingerprint: :func:`features_fingerprint`, kept in the file's metadata.
     """
     tensors = {f"{name}.{key}": getattr(f, key).contiguous() for name, f in features.items() for key in ("pooled", "counts", "labels")}
     staging = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(staging))
+    save_file(tensors, str(staging), metadata={"fingerprint": fingerprint})
     os.replace(staging, path)
+
+
+def stored_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint a features file was saved with; None when there is no readable file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except (OSError, SafetensorError):
+        return None
 
 
 def load_features(path: str | os.PathLike) -> dict[str, TurnFeatures]:
@@ -242,9 +268,14 @@ def warm_up_gate(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    path, fingerprint = output_dir / FEATURES_FILE, features_fingerprint(model, splits)
     with Progress(*columns, transient=False) as progress:
-        features = {name: turn_features(model, rows, pad_token_id, progress=progress) for name, rows in splits.items()}
-        save_features(features, output_dir / FEATURES_FILE)
+        if stored_fingerprint(path) == fingerprint:  # a restarted run: same base, gate layer and dialogues
+            progress.console.print(f"gate features: read back from {path}")
+            features = load_features(path)
+        else:
+            features = {name: turn_features(model, rows, pad_token_id, progress=progress) for name, rows in splits.items()}
+            save_features(features, path, fingerprint)
         before = accuracy_by_turn(model, features["test"])
         log = train_gate(model, features["train"], features["validation"], section, seed, progress)
     log["test_accuracy_before"] = before

@@ -121,3 +121,20 @@ def test_a_run_with_warm_up_and_label_routing(corpus_dir, tmp_path):
 def test_warm_up_and_label_routing_settings_are_checked(corpus_dir, sections, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(corpus_dir, **sections)
+
+
+def test_a_restarted_warm_up_reads_its_features_back_unless_the_dialogues_changed(tokenizer, long_rows, tmp_path, monkeypatch):
+    from moe_empathy.train import gate_warmup
+
+    model = MoeEmpathyForCausalLM.from_base(_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=2, expert_names=NAMES)
+    splits = {"train": long_rows[:4], "validation": long_rows[4:5], "test": long_rows[5:]}
+    section = GateWarmupSection(epochs=1, batch_size=4)
+    first = gate_warmup.warm_up_gate(model, splits, 2, section, 0, tmp_path)
+    computed = []
+    real = gate_warmup.turn_features
+    monkeypatch.setattr(gate_warmup, "turn_features", lambda *a, **k: computed.append(1) or real(*a, **k))
+    again = gate_warmup.warm_up_gate(model, splits, 2, section, 0, tmp_path)
+    assert computed == [] and again["dialogues"] == first["dialogues"]
+    gate_warmup.warm_up_gate(model, {**splits, "train": long_rows[:3]}, 2, section, 0, tmp_path)
+    assert len(computed) == 3  # another corpus: every split computed again
+    assert load_features(tmp_path / "gate_features.safetensors")["train"].pooled.shape[0] == 3
