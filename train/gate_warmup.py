@@ -17,11 +17,13 @@ dialogues), so a run started again in the same folder reads them back instead of
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_empathy.errors import run_command
+from moe_empathy.gate import TurnGate
 from moe_empathy.losses import IGNORE_INDEX, gate_turn_losses
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_write_text
@@ -284,3 +288,66 @@ def warm_up_gate(
     log["turns"] = {name: int((f.labels != IGNORE_INDEX).sum()) for name, f in features.items()}
     atomic_write_text(output_dir / WARMUP_LOG, json.dumps(log, indent=1) + "\n")
     return log
+
+
+# --------------------------------------------------------------------- comparing gate memories
+
+
+def compare_memories(model: MoeEmpathyForCausalLM, features: dict[str, TurnFeatures], memories: list[str], section: GateWarmupSection, seed: int) -> dict:
+    """Trains a fresh gate of each memory kind on the same features; their test accuracy by turn.
+
+    Args:
+        model: a gated model (its gate's shape and loss weights; its own gate is put back after).
+        features: ``train``, ``validation`` and ``test`` features (:func:`load_features`).
+        memories: gate memory kinds to compare (``none``, ``ema``, ``gru``).
+        section: the warm-up's settings.
+        seed: seed of the gates' initialisation and batch order.
+
+    Returns:
+        memory -> ``{"validation": ..., "test": ...}`` accuracy by turn.
+    """
+    config, own = model.config, model.gate
+    results = {}
+    try:
+        for memory in memories:
+            torch.manual_seed(seed)
+            model.gate = TurnGate(
+                config.text_config.hidden_size, config.num_experts, config.gate_hidden_size, config.gate_type, config.gate_top_k,
+                config.gate_temperature, memory, config.gate_memory_decay, config.gate_memory_size,
+            )
+            log = train_gate(model, features["train"], features["validation"], section, seed)
+            results[memory] = {"validation": log["best"]["validation_accuracy"], "test": accuracy_by_turn(model, features["test"])}
+    finally:
+        model.gate = own
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_empathy.train.gate_warmup --model DIR --features FILE``: compares gate
+    memories on a run's stored features (``gate_features.safetensors``)."""
+    parser = argparse.ArgumentParser(prog="moe_empathy.train.gate_warmup", description="Compare gate memories on stored warm-up features.")
+    parser.add_argument("--model", required=True, help="a gated model folder (the gate's shape and loss weights)")
+    parser.add_argument("--features", required=True, help="a run's gate_features.safetensors")
+    parser.add_argument("--memories", default="none,ema,gru", help="comma-separated gate memory kinds")
+    parser.add_argument("--epochs", type=int, default=40, help="warm-up epochs per gate")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    def run(args: argparse.Namespace) -> dict:
+        from moe_empathy.loading import load_model_and_tokenizer
+
+        model, _, _ = load_model_and_tokenizer(args.model)
+        section = GateWarmupSection(epochs=args.epochs)
+        results = compare_memories(model, load_features(args.features), [m.strip() for m in args.memories.split(",")], section, seed=0)
+        for memory, result in results.items():
+            shown = ", ".join(f"{k} {v:.1%}" for k, v in result["test"].items() if v is not None)
+            print(f"gate memory {memory}: test accuracy {shown}")
+        if args.json:
+            atomic_write_text(Path(args.json), json.dumps(results, indent=1) + "\n")
+        return results
+
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

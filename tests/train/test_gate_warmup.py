@@ -138,3 +138,14 @@ def test_a_restarted_warm_up_reads_its_features_back_unless_the_dialogues_change
     gate_warmup.warm_up_gate(model, {**splits, "train": long_rows[:3]}, 2, section, 0, tmp_path)
     assert len(computed) == 3  # another corpus: every split computed again
     assert load_features(tmp_path / "gate_features.safetensors")["train"].pooled.shape[0] == 3
+
+
+def test_compare_memories_trains_one_fresh_gate_per_kind_and_puts_the_own_gate_back(tokenizer):
+    from moe_empathy.train.gate_warmup import compare_memories
+
+    model = MoeEmpathyForCausalLM.from_base(_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=2, gate_memory_size=8, expert_names=NAMES)
+    own = model.gate
+    features = {"train": _remembered(32, 6, 32, seed=0), "validation": _remembered(8, 6, 32, seed=1), "test": _remembered(8, 6, 32, seed=2)}
+    results = compare_memories(model, features, ["none", "gru"], GateWarmupSection(epochs=2, batch_size=16), seed=0)
+    assert list(results) == ["none", "gru"] and model.gate is own
+    assert all(0.0 <= r["test"]["all"] <= 1.0 for r in results.values())
