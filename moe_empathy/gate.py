@@ -30,7 +30,7 @@ class GateState:
         turn_weights: ``[batch, turns, E]`` weights of every turn seen so far.
         last_turn: ``[batch]`` the newest turn id of each row (its weights apply to new tokens).
         memory: ``[batch, hidden]`` the ``"ema"`` context after ``last_turn``, or
-            ``[batch, gate_hidden_size]`` the ``"gru"`` state after it; None without memory.
+            ``[batch, gate_memory_size]`` the ``"gru"`` state after it; None without memory.
         plan: the routing of tokens that continue turn ``last_turn`` (decoding its reply),
             built by the model on first use and reused at every decode step, else None.
     """
