@@ -19,12 +19,11 @@ rounds it (a rating of 2 is either side of the low/medium border).
 The curves are stored in ``eval/data/calibration.jsonl`` (one line per scorer); :class:`CalibratedScorer` applies
 them (:func:`~.scorers.get_scorer` does by default). Refit after changing a scorer::
 
-    python -m moe_empathy.eval.calibration --scorers lexical,embedding,judge
+    python -m moe_empathy.eval.fit_calibration --scorers lexical,embedding,judge
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from .scoring import EmpathyScore, Scorer
 
 CALIBRATION_FILE = "data/calibration.jsonl"  # inside the eval package: one line per scorer (packaged like the other *.jsonl)
 RATERS = ("rater_a", "rater_b")
-REFIT_COMMAND = "python -m moe_empathy.eval.calibration --scorers {name}"
+REFIT_COMMAND = "python -m moe_empathy.eval.fit_calibration --scorers {name}"
 
 
 @dataclass(frozen=True)
@@ -301,32 +300,3 @@ def fit_calibration(scorer: Scorer, config: SplitConfig = SplitConfig()) -> dict
     curve = IsotonicCurve.fit(raw_scores(scorer, items), [i.reference for i in items])
     return {"x": curve.x, "y": curve.y, "target": "raters' mean of 1 + 4 s / 6", "fitted_on": {"devset": len(dev_fit), "hand_labelled": len(hand_fit)},
             "split": {"heldout_fraction": config.heldout_fraction, "seed": config.seed}}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Refits the stored curves of some scorers (the others stay as they are).
-
-    Args:
-        argv: command-line arguments (default: ``sys.argv``).
-    """
-    from moe_empathy.utils import atomic_write_text
-
-    from .scorers import SCORERS, get_scorer
-
-    parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.calibration", description=main.__doc__)
-    parser.add_argument("--scorers", default="lexical,embedding", help=f"comma-separated, from: {', '.join(SCORERS)}")
-    parser.add_argument("--out", default=None, help="calibration file to update (default: the packaged eval/data/calibration.jsonl)")
-    args = parser.parse_args(argv)
-    path = Path(args.out) if args.out else calibration_path()
-    stored = load_curves(path)
-    for name in (n.strip() for n in args.scorers.split(",") if n.strip()):
-        scorer = get_scorer(name, calibrated=False)
-        stored[scorer.calibration_key] = {"scorer": scorer.calibration_key, **fit_calibration(scorer)}
-        print(f"{scorer.calibration_key}: {len(stored[scorer.calibration_key]['x'])} knots")
-    atomic_write_text(path, "".join(json.dumps(stored[k]) + "\n" for k in sorted(stored)))
-    print(f"wrote {path}")
-    return stored
-
-
-if __name__ == "__main__":
-    main()

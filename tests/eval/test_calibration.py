@@ -92,7 +92,7 @@ def test_calibrated_scorer_maps_scores_and_names_the_refit(tmp_path):
     assert [s.score for s in scorer.score(["a", "bb", "cccc"])] == [1.0, 1.5, 2.0]
     path = tmp_path / "curves.jsonl"
     path.write_text(json.dumps({"scorer": "other", "x": [1, 2], "y": [1, 2]}) + "\n")
-    with pytest.raises(ValueError, match=r"no calibration.*'fixed'.*python -m moe_empathy.eval.calibration --scorers fixed"):
+    with pytest.raises(ValueError, match=r"no calibration.*'fixed'.*python -m moe_empathy.eval.fit_calibration --scorers fixed"):
         CalibratedScorer(_Fixed(), path=path)
 
 
