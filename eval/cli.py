@@ -30,7 +30,7 @@ from .systems import SYSTEMS, build_systems, check_model_dir, check_system_names
 
 # The two sizes of `eval run`, with the time each must fit on 2 CPU cores: the standard
 # evaluation (the defaults) and `--quick` for development. Both print the same tables.
-STANDARD_RUN = RunSize(dialogues=24, turns=30, systems=len(SYSTEMS), max_new_tokens=48)
+STANDARD_RUN = RunSize(dialogues=12, turns=30, systems=len(SYSTEMS), max_new_tokens=32)
 QUICK_RUN = RunSize(dialogues=8, turns=10, systems=len(SYSTEMS), max_new_tokens=32)
 RUN_MINUTES = {STANDARD_RUN: 30.0, QUICK_RUN: 5.0}
 READER_TRAIN_DIALOGUES = 400  # training-split dialogues the readers' lookups are fitted on (about 10 s)
