@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from moe_empathy.errors import run_command
-from moe_empathy.losses import IGNORE_INDEX
 from moe_empathy.train.collate import encode_dialogue
-from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, turn_features
+from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, gate_step, turn_features
 from moe_empathy.turns import find_turn_markers
 from moe_empathy.utils import atomic_write_text
 
@@ -35,7 +34,7 @@ def shifts_followed(logits: torch.Tensor, features: TurnFeatures) -> tuple[int, 
         features: the dialogues' features (labels and readable-token counts).
     """
     labels = features.labels  # [n, T]
-    known = (labels != IGNORE_INDEX) & (features.counts > 0)
+    known = features.labelled
     shift = known[:, 1:] & known[:, :-1] & (labels[:, 1:] != labels[:, :-1])  # [n, T - 1]
     followed = shift & (logits[:, 1:].argmax(-1) == labels[:, 1:])
     return int(followed.sum()), int(shift.sum())
@@ -54,11 +53,11 @@ def gate_accuracy(model, tokenizer, records: list[dict]) -> dict:
     rows = [encode_dialogue(r, tokenizer, markers, model.config.expert_names, 10**6) for r in records]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     features = turn_features(model.eval(), rows, pad)
-    logits, _ = model.gate.decide(features.pooled, features.counts, torch.zeros_like(features.counts, dtype=torch.bool), None)
+    _, logits = gate_step(model, features)  # [n, T, E]
     followed, shifts = shifts_followed(logits, features)
     return {
         "dialogues": len(rows),
-        "turns": int(((features.labels != IGNORE_INDEX) & (features.counts > 0)).sum()),
+        "turns": int(features.labelled.sum()),
         "accuracy": accuracy_by_turn(model, features),
         "shifts_followed": followed / shifts if shifts else None,
         "shifts": shifts,

@@ -38,6 +38,7 @@ from moe_empathy.losses import IGNORE_INDEX, gate_turn_losses
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.utils import atomic_write_text
 
+from .collate import DialogueCollator
 from .config_sections import GateWarmupSection
 from .prefix_cache import base_fingerprint, compute_prefix, corpus_fingerprint
 
@@ -64,27 +65,14 @@ class TurnFeatures:
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
+    @property
+    def labelled(self) -> torch.Tensor:
+        """``[dialogues, turns]`` True on turns that have a label and readable tokens."""
+        return (self.labels != IGNORE_INDEX) & (self.counts > 0)
+
     def select(self, index: torch.Tensor) -> "TurnFeatures":
         """The features of the dialogues at ``index``."""
         return TurnFeatures(self.pooled[index], self.counts[index], self.labels[index])
-
-
-def _padded(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``turn_ids`` and ``gate_mask`` of encoded rows."""
-    width = max(r["length"] for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_token_id),
-        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-        "turn_ids": torch.full((len(rows), width), -1),
-        "gate_mask": torch.zeros(len(rows), width, dtype=torch.long),
-    }
-    for i, r in enumerate(rows):
-        n = r["length"]
-        out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        out["turn_ids"][i, :n] = torch.tensor(r["turn_ids"])
-        out["gate_mask"][i, :n] = torch.tensor(r["gate_mask"])
-    return out
 
 
 @torch.no_grad()
@@ -108,15 +96,15 @@ def turn_features(model: MoeEmpathyForCausalLM, rows: list[dict], pad_token_id: 
     labels = torch.full((len(rows), num_turns), IGNORE_INDEX)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["length"])
     task = progress.add_task("gate features", total=len(rows)) if progress is not None else None
+    collate = DialogueCollator(pad_token_id)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in _padded([rows[i] for i in index], pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in index]).items()}
         states = compute_prefix(model, batch["input_ids"], batch["attention_mask"])  # [b, seq, hidden]
         p, c = model.gate.pool_turns(states, batch["turn_ids"], batch["gate_mask"], num_turns)  # [b, T, hidden], [b, T]
         pooled[index] = p.float().cpu()
         counts[index] = c.cpu()
-        for i in index:
-            labels[i, : len(rows[i]["gate_labels"])] = torch.tensor(rows[i]["gate_labels"])
+        labels[index, : batch["gate_labels"].shape[1]] = batch["gate_labels"].cpu()
         if progress is not None:
             progress.advance(task, len(index))
     return TurnFeatures(pooled, counts, labels)
@@ -198,7 +186,7 @@ def accuracy_by_turn(model: MoeEmpathyForCausalLM, features: TurnFeatures) -> di
         features: the dialogues to score.
     """
     _, logits = gate_step(model, features)
-    labelled = (features.labels != IGNORE_INDEX) & (features.counts > 0)  # [n, T]
+    labelled = features.labelled  # [n, T]
     right = (logits.argmax(-1) == features.labels) & labelled
     position = torch.arange(1, labelled.shape[1] + 1).expand_as(labelled)
     out = {"all": (right.sum() / labelled.sum()).item() if labelled.any() else None}
