@@ -87,49 +87,119 @@ def _norm(text: str) -> str:
     return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
 
 
-def reader_keys(record: dict, reader: str) -> list[tuple]:
+def _features(text: str) -> list[str]:
+    """A message's words and word pairs (after :func:`_norm`)."""
+    words = _norm(text).split()
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+class NaiveBayes:
+    """A multinomial naive Bayes text classifier over words and word pairs (add-one smoothing).
+
+    Args:
+        texts: training messages.
+        labels: their classes.
+    """
+
+    def __init__(self, texts: list[str], labels: list[str]):
+        if not texts:
+            raise ValueError("a naive Bayes classifier needs at least one training message")
+        self.classes = sorted(set(labels))
+        rows = [self.classes.index(label) for label in labels]
+        docs = [_features(t) for t in texts]
+        self.vocab = {f: i for i, f in enumerate(sorted({f for doc in docs for f in doc}))}
+        counts = np.ones((len(self.classes), len(self.vocab)))  # [classes, features], add-one smoothing
+        for row, doc in zip(rows, docs):
+            np.add.at(counts[row], [self.vocab[f] for f in doc], 1.0)
+        self.log_prior = np.log(np.bincount(rows, minlength=len(self.classes)) / len(rows))  # [classes]
+        self.log_likelihood = np.log(counts / counts.sum(axis=1, keepdims=True))  # [classes, features]
+
+    def predict(self, text: str) -> str:
+        """The most probable class of one message (features unseen in training are ignored)."""
+        index = [self.vocab[f] for f in _features(text) if f in self.vocab]
+        return self.classes[int(np.argmax(self.log_prior + self.log_likelihood[:, index].sum(axis=1)))]
+
+
+class StateReader:
+    """Reads the user's state from the messages' text alone: whether a message changes the state
+    (the first message always sets it), and to which state. Two :class:`NaiveBayes` classifiers
+    fitted on the training dialogues' ``user_state`` annotations, so that paraphrases unseen in
+    training are still read.
+
+    Args:
+        train: labelled dialogue records with ``user_state`` on every user turn.
+    """
+
+    def __init__(self, train: list[dict]):
+        texts, changed, states = [], [], []
+        for record in train:
+            previous = None
+            for k, u in enumerate(_user_turns(record, needs_state=True)):
+                texts.append(u["content"])
+                changed.append("change" if k == 0 or u["user_state"] != previous else "same")
+                states.append(u["user_state"])
+                previous = u["user_state"]
+        self.change = NaiveBayes(texts, changed)
+        self.state = NaiveBayes([t for t, c in zip(texts, changed) if c == "change"],
+                                [s for s, c in zip(states, changed) if c == "change"])
+
+    def changes(self, record: dict) -> list[list[str]]:
+        """For each user turn, the states read at the state changes up to it (oldest first); a
+        message read as a change to the state already held changes nothing."""
+        out, read = [], []
+        for k, u in enumerate(_user_turns(record)):
+            if k == 0 or self.change.predict(u["content"]) == "change":
+                state = self.state.predict(u["content"])
+                if not read or state != read[-1]:
+                    read.append(state)
+            out.append(list(read))
+        return out
+
+
+def _user_turns(record: dict, needs_state: bool = False) -> list[dict]:
+    users = [t for t in record["turns"] if t["role"] == "user"]
+    for k, u in enumerate(users):
+        if needs_state and "user_state" not in u:
+            raise ValueError(f"dialogue {record.get('dialogue_id', '?')}: user turn {k + 1} has no user_state; "
+                             "fit the readers on the generator's dialogues, which annotate it")
+    return users
+
+
+def reader_keys(record: dict, reader: str, states: StateReader | None = None) -> list[tuple]:
     """The lookup key of each user turn of a dialogue record for one reader.
 
     Args:
-        record: a dialogue record (``task``, ``turns`` with ``user_state`` on user turns for the
-            state-change reader).
+        record: a dialogue record (``task``, ``turns``).
         reader: one of :data:`READERS`.
-
-    Raises:
-        ValueError: when the state-change reader meets a record without ``user_state``.
+        states: the fitted :class:`StateReader` (the state-change reader only).
     """
-    users = [t for t in record["turns"] if t["role"] == "user"]
+    users = _user_turns(record)
     if reader == "task only":
         return [(record["task"],) for _ in users]
     if reader == "task + current message":
         return [(record["task"], _norm(u["content"])) for u in users]
     if reader != "task + last two state changes":
         raise ValueError(f"unknown reader {reader!r}; choose from {READERS}")
-    keys, changes, previous = [], [], object()
-    for k, u in enumerate(users):
-        if "user_state" not in u:
-            raise ValueError(f"dialogue {record.get('dialogue_id', '?')}: user turn {k + 1} has no user_state")
-        if u["user_state"] != previous:  # the first message sets the state
-            changes.append(_norm(u["content"]))
-            previous = u["user_state"]
-        keys.append((record["task"], *changes[-2:]))
-    return keys
+    if states is None:
+        raise ValueError("the state-change reader needs a StateReader fitted on training dialogues")
+    return [(record["task"], *read[-2:]) for read in states.changes(record)]
 
 
 def _labels(record: dict) -> list[str]:
     return [t["level"] for t in record["turns"] if t["role"] == "assistant"]
 
 
-def fit_reader(train: list[dict], reader: str) -> dict[tuple, str]:
+def fit_reader(train: list[dict], reader: str, states: StateReader | None = None) -> dict[tuple, str]:
     """A lookup key -> most frequent level over the training dialogues' turns (ties: lower level).
 
     Args:
         train: labelled dialogue records of the generator's training split.
         reader: one of :data:`READERS`.
+        states: the fitted :class:`StateReader` (the state-change reader only).
     """
     counts: dict[tuple, Counter] = {}
     for record in train:
-        for key, level in zip(reader_keys(record, reader), _labels(record)):
+        for key, level in zip(reader_keys(record, reader, states), _labels(record)):
             counts.setdefault(key, Counter())[level] += 1
     return {key: max(LEVELS, key=lambda level: (c[level], -LEVELS.index(level))) for key, c in counts.items()}
 
@@ -138,7 +208,7 @@ def reader_ceilings(train: list[dict], scripts: list[dict], samples: int, seed: 
     """How much of each turn's expected level simple readers recover on the evaluation scripts.
 
     Args:
-        train: the generator's training-split dialogues (the lookups are fitted on them).
+        train: the generator's training-split dialogues (the lookups and the state reader are fitted on them).
         scripts: the evaluated dialogues, in the table's order.
         samples, seed: bootstrap settings (dialogues resampled).
 
@@ -147,14 +217,15 @@ def reader_ceilings(train: list[dict], scripts: list[dict], samples: int, seed: 
         share of turns whose key occurs in training (the others back off to the task's lookup).
     """
     task_lookup = fit_reader(train, "task only")
+    states = StateReader(train)
     width = max(len(_labels(r)) for r in scripts)
     out = []
     for reader in READERS:
-        lookup = fit_reader(train, reader)
+        lookup = fit_reader(train, reader, states)
         correct, gap = np.full((len(scripts), width), np.nan), np.full((len(scripts), width), np.nan)
         seen = total = 0
         for d, record in enumerate(scripts):
-            for t, (key, level) in enumerate(zip(reader_keys(record, reader), _labels(record))):
+            for t, (key, level) in enumerate(zip(reader_keys(record, reader, states), _labels(record))):
                 guess = lookup.get(key)
                 seen, total = seen + (guess is not None), total + 1
                 if guess is None:

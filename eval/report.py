@@ -219,7 +219,9 @@ def _references(metrics: dict, systems: dict) -> list[str]:
         parts += [
             "Label ceilings of simple readers: lookups fitted on the generator's training split (most frequent level "
             "per key) and applied to these scripts; a key not seen in training falls back to the task's level, and "
-            "\"seen\" is the share of turns whose key was seen. Accuracy: share of turns whose level is recovered; gap: "
+            "\"seen\" is the share of turns whose key was seen. The state-change reader reads the user's state from "
+            "each message's text with naive Bayes classifiers fitted on the same split. Accuracy: share of turns whose "
+            "level is recovered; gap: "
             "the gap if every reply hit the recovered level's target.",
             "",
             _table(["reader", "accuracy", "gap", "seen"], [

@@ -68,7 +68,7 @@ class MultiLoraLinear(nn.Module):
         self.merged_mixture: torch.Tensor | None = None  # [E], while merged into base_layer.weight
         # Inference caches, valid while the parameters' versions are unchanged.
         self._fold: tuple[RoutingPlan, tuple, torch.Tensor] | None = None  # (plan, versions, folded weight)
-        self._concatenated: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (versions, a_cat, b_cat_t)
+        self._concatenated: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (versions, a_cat_t, b_cat_t)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -94,13 +94,13 @@ class MultiLoraLinear(nn.Module):
         if inference and plan.fold_key is not None:
             return nn.functional.linear(x, self._folded_weight(plan), self.base_layer.bias)
         result = self.base_layer(x)  # [batch, seq, out]
+        if inference and (self.kernel_backend == "torch" or (self.kernel_backend == "auto" and not x.is_cuda)):
+            a_cat_t, b_cat_t = self._concatenated_experts()  # dropout is off in inference
+            shrunk = (x.reshape(-1, self.in_features) @ a_cat_t) * plan.row_scale(self.rank, self.scaling, x.dtype)  # [tokens, E*r]
+            result.reshape(-1, self.out_features).addmm_(shrunk, b_cat_t)
+            return result
         flat_x = self.lora_dropout(x).reshape(-1, self.in_features)  # [tokens, in]
         flat_out = result.reshape(-1, self.out_features)  # [tokens, out]
-        if inference and (self.kernel_backend == "torch" or (self.kernel_backend == "auto" and not x.is_cuda)):
-            a_cat, b_cat_t = self._concatenated_experts()
-            shrunk = (flat_x @ a_cat.t()) * plan.row_scale(self.rank, self.scaling, x.dtype)  # [tokens, E*r]
-            flat_out.addmm_(shrunk, b_cat_t)
-            return result
         if plan.expert_ids is not None:
             gate = plan.topk_weights.reshape(-1, plan.topk_weights.shape[-1])  # [tokens, k]
             expert_ids = plan.expert_ids.reshape(-1, plan.expert_ids.shape[-1])  # [tokens, k]
@@ -184,19 +184,23 @@ class MultiLoraLinear(nn.Module):
         An optimiser step or a load between two calls rebuilds the weight, so a fold is never stale.
         """
         versions, fold = self._versions(), self._fold
-        if fold is not None and fold[1] == versions and (fold[0] is plan or fold[0].fold_key == plan.fold_key):
-            weight = fold[2]
-        else:
-            weight = self.base_layer.weight + self.delta_weight(plan.fold)  # [out, in]
+        if fold is not None and fold[1] == versions:
+            if fold[0] is plan:  # a decode step of the turn: nothing to write
+                return fold[2]
+            if fold[0].fold_key == plan.fold_key:
+                self._fold = (plan, versions, fold[2])
+                return fold[2]
+        weight = self.base_layer.weight + self.delta_weight(plan.fold)  # [out, in]
         self._fold = (plan, versions, weight)
         return weight
 
     def _concatenated_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_cat [E*r, in]`` and ``b_cat_t [E*r, out]``, kept until the experts change."""
+        """``a_cat_t [in, E*r]`` and ``b_cat_t [E*r, out]``, kept until the experts change."""
         versions, cat = self._versions(), self._concatenated
-        tensors = cat[1:] if cat is not None and cat[0] == versions else concatenate_experts(self.lora_A, self.lora_B)
-        self._concatenated = (versions, *tensors)
-        return tensors[0], tensors[1]
+        if cat is None or cat[0] != versions:
+            a_cat, b_cat_t = concatenate_experts(self.lora_A, self.lora_B)
+            cat = self._concatenated = (versions, a_cat.t(), b_cat_t)
+        return cat[1], cat[2]
 
     def drop_merged_weight(self) -> None:
         """Frees the folded weight and the concatenated experts (when generation ends)."""

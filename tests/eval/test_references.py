@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from moe_empathy.eval.metrics import build_table, compute_metrics
-from moe_empathy.eval.references import best_constant, fit_reader, reader_ceilings, reader_keys, reference_gaps
+from moe_empathy.eval.references import (
+    NaiveBayes, StateReader, best_constant, fit_reader, reader_ceilings, reader_keys, reference_gaps,
+)
 from moe_empathy.eval.report import render_report
 from moe_empathy.eval.rollout import DialogueRollout
 from moe_empathy.train.taxonomy import LEVEL_TARGET, LEVELS
@@ -70,9 +72,12 @@ def test_readers_keys_lookups_and_ceilings():
     calm = ("How long is it?", "neutral", "low")
     upset = ("I feel awful today.", "upset", "medium")
     train = [_record("movies", [calm, calm, upset, calm]), _record("movies", [calm, upset]), _record("grief", [upset, upset])]
-    keys = reader_keys(train[0], "task + last two state changes")
-    assert keys == [("movies", "how long is it"), ("movies", "how long is it"), ("movies", "how long is it", "i feel awful today"),
-                    ("movies", "i feel awful today", "how long is it")]
+    states = StateReader(train)
+    keys = reader_keys(train[0], "task + last two state changes", states)
+    # "How long is it?" mostly opened a state in training: read as a change, but to the state already held
+    assert keys == [("movies", "neutral"), ("movies", "neutral"), ("movies", "neutral", "upset"), ("movies", "upset", "neutral")]
+    with pytest.raises(ValueError, match="needs a StateReader"):
+        reader_keys(train[0], "task + last two state changes")
     assert fit_reader(train, "task only") == {("movies",): "low", ("grief",): "medium"}
     assert fit_reader(train, "task + current message")[("movies", "i feel awful today")] == "medium"
     scripts = [_record("movies", [calm, upset, ("Never seen this!", "neutral", "low")])]
@@ -83,3 +88,32 @@ def test_readers_keys_lookups_and_ceilings():
     assert result["task only"]["gap"]["value"] == pytest.approx((LEVEL_TARGET["medium"] - LEVEL_TARGET["low"]) / 3)
     with pytest.raises(ValueError, match="no dialogue in the readers' training split"):
         reader_ceilings(train, [_record("travel", [calm])], samples=5, seed=0)
+
+
+def test_state_reader_reads_paraphrases_unseen_in_training():
+    """The state-change reader classifies message text, so a wording it never saw still counts."""
+    train = [
+        _record("grief", [("Where do I start with the paperwork?", "neutral", "high"),
+                          ("Honestly I am falling apart and can't stop crying.", "distressed", "high"),
+                          ("What about the bank?", "distressed", "high"),
+                          ("I feel much calmer now, just the steps please.", "steady", "medium")]),
+        _record("grief", [("Which forms come first?", "neutral", "high"),
+                          ("I'm really calmer today, only the practical steps.", "steady", "medium"),
+                          ("And the bank?", "steady", "medium")]),
+    ]
+    script = _record("grief", [("Where do I start?", "neutral", "high"),
+                               ("I am calmer now, the practical steps please.", "steady", "medium"),
+                               ("What about the forms?", "steady", "medium")])
+    keys = reader_keys(script, "task + last two state changes", StateReader(train))
+    assert keys == [("grief", "neutral"), ("grief", "neutral", "steady"), ("grief", "neutral", "steady")]
+    result = {r["reader"]: r for r in reader_ceilings(train, [script], samples=5, seed=0)}
+    assert result["task + last two state changes"]["accuracy"]["value"] == pytest.approx(1.0)
+    assert result["task + current message"]["seen"] == pytest.approx(0.0)  # no exact message was seen
+
+
+def test_naive_bayes_picks_the_class_whose_words_match_and_refuses_no_data():
+    model = NaiveBayes(["so sad and tired", "sad again", "fine thanks", "all fine"], ["upset", "upset", "calm", "calm"])
+    assert model.predict("very sad") == "upset" and model.predict("fine") == "calm"
+    assert model.predict("unknown words only") in {"upset", "calm"}  # falls back to the prior
+    with pytest.raises(ValueError, match="at least one training message"):
+        NaiveBayes([], [])
