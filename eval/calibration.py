@@ -24,7 +24,6 @@ them (:func:`~.scorers.get_scorer` does by default). Refit after changing a scor
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_empathy.train.taxonomy import LEVEL_TOTALS, MECHANISMS, total_to_score
+from moe_empathy.utils import read_jsonl
 
 from .scoring import EmpathyScore, Scorer
 
@@ -84,10 +84,6 @@ class RatedReply:
     forced: str | None = None
 
 
-def _read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _package_data(relative: str) -> Path:
     return Path(str(resources.files("moe_empathy.eval").joinpath(relative)))
 
@@ -107,9 +103,9 @@ def load_rated_devset(folder: str | Path | None = None) -> list[RatedReply]:
         ValueError: when a rater missed an item or rated one that is not in the set.
     """
     folder = Path(folder) if folder else _package_data("data/rating")
-    replies = {r["id"]: r for r in _read_jsonl(folder / "replies.jsonl")}
-    key = {r["id"]: r for r in _read_jsonl(folder / "replies_key.jsonl")}
-    ratings = {name: {r["id"]: r for r in _read_jsonl(folder / f"ratings_{name}.jsonl")} for name in RATERS}
+    replies = {r["id"]: r for r in read_jsonl(folder / "replies.jsonl")}
+    key = {r["id"]: r for r in read_jsonl(folder / "replies_key.jsonl")}
+    ratings = {name: {r["id"]: r for r in read_jsonl(folder / f"ratings_{name}.jsonl")} for name in RATERS}
     for name, rated in ratings.items():
         if set(rated) != set(replies):
             missing, extra = sorted(set(replies) - set(rated)), sorted(set(rated) - set(replies))
@@ -138,7 +134,7 @@ def load_hand_items(path: str | Path | None = None) -> list[RatedReply]:
     Args:
         path: the JSONL file (default: the packaged ``hand_labelled.jsonl``).
     """
-    records = _read_jsonl(path or _package_data("data/hand_labelled.jsonl"))
+    records = read_jsonl(path or _package_data("data/hand_labelled.jsonl"))
     items = []
     for r in records:
         total = sum(r["mechanisms"][m] for m in MECHANISMS)
@@ -226,7 +222,7 @@ def load_curves(path: str | Path | None = None) -> dict[str, dict]:
         path: a calibration JSONL file (default: the packaged one).
     """
     path = Path(path) if path else calibration_path()
-    return {r["scorer"]: r for r in _read_jsonl(path)} if path.exists() else {}
+    return {r["scorer"]: r for r in read_jsonl(path)} if path.exists() else {}
 
 
 class CalibratedScorer(Scorer):

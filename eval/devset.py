@@ -11,7 +11,8 @@ replies are kept, drawn from early and late turns. Three files are written:
 * ``replies_key.jsonl`` (kept from raters, for the analysis): per ``id`` the dialogue, the
   task's level and the turn's expected ``level``, its target score, and the mixture the
   system used (gate or forced expert).
-* ``replies_settings.json``: how the set was made (model, systems, seed, turns, counts, time).
+* ``replies_settings.json``: how the set was made (model, systems, seed, turns, counts, time);
+  a list, one entry per batch, once ``--append`` has added a batch.
 
 Replies are shuffled with a fixed seed, so systems and tasks are interleaved; identical
 (context, user message, reply) items are dropped only while at least ``--min-replies`` remain.
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from moe_empathy.train.taxonomy import LEVEL_TARGET, TASKS
-from moe_empathy.utils import atomic_write_text
+from moe_empathy.utils import atomic_write_text, read_jsonl
 
 from .dialogues import EVAL_SEED, select_dialogues, synthesise_split
 from .rollout import DialogueRollout, progress_bar, rollout
@@ -203,21 +204,22 @@ def deduplicate(pairs: list[tuple[dict, dict]], minimum: int) -> list[tuple[dict
     return [pair for i, pair in enumerate(pairs) if i not in drop]
 
 
-def shuffle_and_number(pairs: list[tuple[dict, dict]], seed: int) -> tuple[list[dict], list[dict]]:
+def shuffle_and_number(pairs: list[tuple[dict, dict]], seed: int, first: int = 1) -> tuple[list[dict], list[dict]]:
     """Shuffles the pairs with a fixed seed and gives each an id (``r001``...) in the new order.
 
     Args:
         pairs: ``(item, key)`` pairs.
         seed: the shuffling seed.
+        first: the number of the first id (after the items of earlier batches).
 
     Returns:
         ``(items, keys)``, each a list of dicts starting with ``id``.
     """
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    width = max(3, len(str(len(pairs))))
+    width = max(3, len(str(first + len(pairs) - 1)))
     items, keys = [], []
-    for n, i in enumerate(order, 1):
+    for n, i in enumerate(order, first):
         rid = f"r{n:0{width}d}"
         items.append({"id": rid, **pairs[i][0]})
         keys.append({"id": rid, **pairs[i][1]})
@@ -232,6 +234,37 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
         rows: the objects.
     """
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_batch(out: Path, key_path: Path, settings_path: Path, pairs: list[tuple[dict, dict]], settings: dict, seed: int, append: bool) -> list[dict]:
+    """Writes a batch of sampled replies: a new set, or (``append``) one more batch after the
+    items already in ``out``, numbered after them, its settings added to the list of batches.
+
+    Args:
+        out, key_path, settings_path: the raters' file, the key and the settings file.
+        pairs: ``(item, key)`` pairs of this batch.
+        settings: how this batch was made.
+        seed: the shuffling seed.
+        append: add to an existing set instead of writing a new one.
+
+    Returns:
+        This batch's items, with their ids.
+    """
+    old_items, old_keys, batches = [], [], []
+    if append:
+        if not out.exists() or not key_path.exists():
+            raise ValueError(f"--append adds to an existing set, but {out} or {key_path} is missing; drop --append to start one")
+        old_items, old_keys = read_jsonl(out), read_jsonl(key_path)
+        if [r["id"] for r in old_items] != [r["id"] for r in old_keys]:
+            raise ValueError(f"{out} and {key_path} list different ids; the set is damaged")
+        if settings_path.exists():
+            earlier = json.loads(settings_path.read_text())
+            batches = earlier if isinstance(earlier, list) else [earlier]
+    items, keys = shuffle_and_number(pairs, seed, first=len(old_items) + 1)
+    write_jsonl(out, old_items + items)
+    write_jsonl(key_path, old_keys + keys)
+    atomic_write_text(settings_path, json.dumps(batches + [settings] if append else settings, indent=1) + "\n")
+    return items
 
 
 def _portable(path: str | Path | None) -> str | None:
@@ -263,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=DEVSET_SEED, help="seed of the synthesised test-split dialogues, the turn draws and the shuffle")
+    parser.add_argument("--append", action="store_true", help="add a batch to the set in --out (ids continue after its last one) instead of writing a new set")
     return parser
 
 
@@ -308,9 +342,6 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed)
     kept = deduplicate(pairs, args.min_replies)
-    items, keys = shuffle_and_number(kept, args.seed)
-    write_jsonl(out, items)
-    write_jsonl(key_path, keys)
     settings = {
         "model": _portable(model_dir),
         "systems": {s.name: s.description for s in systems},
@@ -325,12 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
         "context_messages": args.context_messages,
         "max_new_tokens": args.max_new_tokens,
         "sampled": len(pairs),
-        "kept": len(items),
+        "kept": len(kept),
         "rollout_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
     }
-    atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
-    console.print(f"rollouts took {seconds / 60:.1f} min; sampled {len(pairs)} replies, kept {len(items)}")
+    items = write_batch(out, key_path, settings_path, kept, settings, args.seed, args.append)
+    console.print(f"rollouts took {seconds / 60:.1f} min; sampled {len(pairs)} replies, kept {len(items)} ({items[0]['id']}-{items[-1]['id']})")
     console.print(f"wrote {out}, {key_path} and {settings_path}")
     return settings
 

@@ -22,7 +22,7 @@ from transformers import LogitsProcessorList
 from moe_empathy.errors import run_command
 from moe_empathy.generation import RepeatGuardConfig
 from moe_empathy.turns import encode_chat
-from moe_empathy.utils import atomic_write_text
+from moe_empathy.utils import atomic_write_text, read_jsonl
 
 from .scorers import SCORERS, get_scorer
 
@@ -36,7 +36,7 @@ def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
     Args:
         path: a JSON-lines file.
     """
-    prompts = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = read_jsonl(path)
     for p in prompts:
         if not p.get("messages") or p["messages"][-1].get("role") != "user":
             raise ValueError(f"{path}: prompt {p.get('id', '?')} must end with a user message")

@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: atomic writes of files and output folders.
+"""Small helpers shared across the package: atomic writes of files and output folders, and
+reading JSON-lines files.
 
 Everything the package writes goes through these helpers, so that
 
@@ -77,6 +78,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as staging:
         with open(staging, "w") as out:
             out.write(text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The objects of a JSON-lines file, one per non-blank line.
+
+    Args:
+        path: the file to read.
+    """
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def atomic_write_csv(path: str | os.PathLike, rows: list[dict]) -> None:

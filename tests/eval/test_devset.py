@@ -17,10 +17,12 @@ from moe_empathy.eval.devset import (
     reply_context,
     sample_replies,
     shuffle_and_number,
+    write_batch,
     write_jsonl,
 )
 from moe_empathy.eval.rollout import DialogueRollout
 from moe_empathy.train.taxonomy import LEVEL_TARGET, TASKS
+from moe_empathy.utils import read_jsonl
 
 
 def _rollout(system: str, dialogue: str, turns: int, gate: bool = False) -> DialogueRollout:
@@ -118,3 +120,18 @@ def test_shuffle_interleaves_and_keeps_items_and_keys_together(tmp_path):
     assert shuffle_and_number(pairs, seed=3) == (items, keys)
     write_jsonl(tmp_path / "items.jsonl", items)
     assert [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()] == items
+
+
+def test_an_appended_batch_is_numbered_after_the_set_and_its_settings_are_listed(tmp_path):
+    out, key, settings = tmp_path / "replies.jsonl", tmp_path / "replies_key.jsonl", tmp_path / "replies_settings.json"
+    first = [({"reply": f"a{i}"}, {"system": "base"}) for i in range(3)]
+    second = [({"reply": f"b{i}"}, {"system": "gated"}) for i in range(2)]
+    with pytest.raises(ValueError, match="drop --append"):
+        write_batch(out, key, settings, second, {"batch": 2}, seed=0, append=True)
+    write_batch(out, key, settings, first, {"batch": 1}, seed=0, append=False)
+    added = write_batch(out, key, settings, second, {"batch": 2}, seed=0, append=True)
+    assert [i["id"] for i in added] == ["r004", "r005"]
+    items, keys = read_jsonl(out), read_jsonl(key)
+    assert [i["id"] for i in items] == [k["id"] for k in keys] == ["r001", "r002", "r003", "r004", "r005"]
+    assert {i["reply"] for i in items[:3]} == {"a0", "a1", "a2"} and {k["system"] for k in keys[3:]} == {"gated"}
+    assert json.loads(settings.read_text()) == [{"batch": 1}, {"batch": 2}]
