@@ -16,6 +16,7 @@ above ``gate_layer``), so the methods differ only in routing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from moe_empathy.turns import find_turn_markers
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
 from .config_sections import TINY_BASE, DataSection, model_config_kwargs
-from .gate_warmup import warm_up_gate
+from .gate_warmup import context_replies, warm_up_gate
 from .hf_trainer import EncodedDialogues
 from .run import copy_model_files, run_training, write_summary
 from .synth_plan import SPLITS
@@ -154,7 +155,13 @@ def ensure_corpus(data: DataSection, args: TrainingArguments) -> Path:
     return path
 
 
-def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path: Path, data: DataSection | None = None) -> dict[str, list[dict]]:
+def encode_splits(
+    config: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    data: DataSection | None = None,
+    transform: Callable[[list[dict], str], list[dict]] | None = None,
+) -> dict[str, list[dict]]:
     """Encodes the corpus's three splits; validation and test are sorted by length (less padding).
 
     Args:
@@ -162,6 +169,7 @@ def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path:
         tokenizer: the run's tokenizer.
         path: the corpus folder.
         data: the section with the limits (``max_length``, dialogue counts); default ``config.data``.
+        transform: applied to each split's records (and the split's name) before encoding, or None.
     """
     data = data or config.data
     from datasets import load_from_disk
@@ -177,6 +185,8 @@ def encode_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, path:
         records = corpus[split]
         if limits[split] is not None:
             records = records.select(range(min(limits[split], len(records))))
+        if transform is not None:
+            records = transform(list(records), split)
         rows = [encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length) for r in records]
         rows = [r for r in rows if r is not None]
         if not rows:
@@ -208,7 +218,9 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
         if config.gate_warmup is not None and resume is None:  # a resumed run's checkpoint holds the warmed-up gate
             warmup = config.gate_warmup
-            warmup_splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, args), warmup.data)
+            warmup_splits = encode_splits(
+                config, tokenizer, ensure_corpus(warmup.data, args), warmup.data, context_replies(warmup, config.training.seed)
+            )
             warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir)
         data = {split: EncodedDialogues(rows) for split, rows in splits.items()}
         return run_training(config, model, pad, data, output_dir, max_steps, resume, description=config.method)

@@ -34,6 +34,7 @@ from moe_empathy.configuration_moe_empathy import MoeEmpathyConfig
 
 from .config_sections import (
     BATCHING,
+    CONTEXT_REPLIES,
     GATED_METHODS,
     METHODS,
     MIXED_PRECISION,
@@ -126,6 +127,8 @@ class TrainConfig:
             for key in ("epochs", "batch_size"):
                 if getattr(w, key) < 1:
                     raise ConfigError(f"gate_warmup.{key}: must be >= 1, got {getattr(w, key)}")
+            if w.context_replies not in CONTEXT_REPLIES:
+                raise ConfigError(f"gate_warmup.context_replies: {w.context_replies!r} is not one of {CONTEXT_REPLIES}")
         if self.data.path is None:
             raise ConfigError(
                 "data.path is missing: set it to a folder written by `moe-empathy synth --out DIR` "

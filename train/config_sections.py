@@ -26,6 +26,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 PREFIX_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 GATED_METHODS = ("gated", "gated_from_experts")
+CONTEXT_REPLIES = ("scripted", "shuffled")  # gate_warmup.context_replies
 
 # MoeEmpathyConfig fields that come from the base and its tokenizer, not from the YAML.
 MODEL_FROM_BASE = ("text_config", "user_turn_marker", "assistant_turn_marker", "base_model_name_or_path", "tie_word_embeddings")
@@ -226,3 +227,10 @@ class GateWarmupSection:
     batch_size: int = field(default=32, metadata={"help": "dialogues per optimizer step"})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate (cosine decay to 0)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    context_replies: str = field(
+        default="scripted",
+        metadata={"help": "'scripted': the corpus's replies stay in the context the gate reads; 'shuffled': each "
+                  "reply is swapped for one drawn at random from the same split, so the gate learns the level from "
+                  "the user's messages rather than from its earlier replies (in generation these are the model's own "
+                  "and need not carry the right level)"},
+    )

@@ -13,6 +13,11 @@ with the best validation accuracy is kept; ``gate_warmup.json`` in the run folde
 epoch and the accuracy by turn position. The features are kept in the run folder
 (``gate_features.safetensors``, with a fingerprint of the base below ``gate_layer`` and of the
 dialogues), so a run started again in the same folder reads them back instead of recomputing.
+
+With ``context_replies: shuffled`` every assistant reply of the warm-up dialogues is swapped for
+a random one of the same split (:func:`shuffle_replies`), so the gate learns the level from the
+user's messages: a gate trained on the scripted replies reads the level off its earlier replies,
+which in generation are the model's own.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +115,38 @@ def turn_features(model: MoeEmpathyForCausalLM, rows: list[dict], pad_token_id: 
         if progress is not None:
             progress.advance(task, len(index))
     return TurnFeatures(pooled, counts, labels)
+
+
+def shuffle_replies(records: list[dict], seed: int) -> list[dict]:
+    """The dialogues with every assistant reply swapped for one drawn at random (with
+    replacement) from all the records' replies; user turns and labels are kept.
+
+    The gate then cannot read a turn's level from the replies before it, only from the user's
+    messages: in generation those replies are the model's own, and a gate that learned to
+    trust them follows its own mistakes.
+
+    Args:
+        records: dialogue records (``turns`` with ``role`` and ``content``).
+        seed: the draw's seed.
+    """
+    rng = random.Random(seed)
+    pool = [t["content"] for r in records for t in r["turns"] if t["role"] == "assistant"]
+    if not pool:
+        return records
+    return [{**r, "turns": [{**t, "content": rng.choice(pool)} if t["role"] == "assistant" else t for t in r["turns"]]}
+            for r in records]
+
+
+def context_replies(section: GateWarmupSection, seed: int) -> Callable[[list[dict], str], list[dict]] | None:
+    """The transform of the warm-up corpus's records that ``section.context_replies`` asks for.
+
+    Args:
+        section: the config's ``gate_warmup`` section.
+        seed: the run's seed (each split draws with its own seed derived from it).
+    """
+    if section.context_replies == "scripted":
+        return None
+    return lambda records, split: shuffle_replies(records, int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:8], 16))
 
 
 def features_fingerprint(model: MoeEmpathyForCausalLM, splits: dict[str, list[dict]]) -> str:

@@ -6,18 +6,23 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy import MoeEmpathyConfig, MoeEmpathyForCausalLM
 from moe_empathy.losses import IGNORE_INDEX
 from moe_empathy.train.collate import encode_dialogue
 from moe_empathy.train.config import ConfigError
 from moe_empathy.train.config_sections import GateWarmupSection
-from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, load_features, save_features, train_gate, turn_features
+from moe_empathy.train import gate_rewarm
+from moe_empathy.train.gate_rewarm import check_rewarmable
+from moe_empathy.train.gate_warmup import (
+    TurnFeatures, accuracy_by_turn, load_features, save_features, shuffle_replies, train_gate, turn_features,
+)
 from moe_empathy.train.synth import SynthConfig, generate
 from moe_empathy.train.trainer import train
 from moe_empathy.turns import find_turn_markers
 from test_prefix_cache import NAMES, _base
-from train_support import tiny_config
+from train_support import tiny_config, tiny_values
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +154,50 @@ def test_compare_memories_trains_one_fresh_gate_per_kind_and_puts_the_own_gate_b
     results = compare_memories(model, features, ["none", "gru"], GateWarmupSection(epochs=2, batch_size=16), seed=0)
     assert list(results) == ["none", "gru"] and model.gate is own
     assert all(0.0 <= r["test"]["all"] <= 1.0 for r in results.values())
+
+
+def test_shuffled_replies_keep_the_users_and_the_labels():
+    records = generate(SynthConfig(dialogues=40, min_turns=3, max_turns=6, seed=3))["train"]
+    shuffled = shuffle_replies(records, seed=0)
+    assert shuffle_replies(records, seed=0) == shuffled  # seeded
+    pool = {t["content"] for r in records for t in r["turns"] if t["role"] == "assistant"}
+    changed = 0
+    for before, after in zip(records, shuffled):
+        assert [t["role"] for t in after["turns"]] == [t["role"] for t in before["turns"]]
+        for old, new in zip(before["turns"], after["turns"]):
+            assert {k: v for k, v in new.items() if k != "content"} == {k: v for k, v in old.items() if k != "content"}
+            if old["role"] == "user":
+                assert new == old
+            else:
+                assert new["content"] in pool
+                changed += new["content"] != old["content"]
+    assert changed > 0.9 * sum(len(r["turns"]) // 2 for r in records)
+
+
+def test_rewarm_refuses_experts_that_trained_under_the_gate(corpus_dir):
+    warmup = {"data": {"path": str(corpus_dir)}, "epochs": 1}
+    config = tiny_config(corpus_dir, gate_warmup=warmup, training={"label_routing": 0.5, "freeze_gate": True})
+    with pytest.raises(ConfigError, match="retrain with `moe-empathy train`"):
+        check_rewarmable(config, MoeEmpathyConfig())
+    with pytest.raises(ConfigError, match="not one of"):
+        tiny_config(corpus_dir, gate_warmup={**warmup, "context_replies": "random"})
+
+
+def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
+    """A run routed by label with a frozen gate, then its gate warmed up again on shuffled replies."""
+    sections = {
+        "model": {"gate_memory": "gru", "gate_memory_size": 8},
+        "gate_warmup": {"data": {"path": str(corpus_dir), "max_length": 256}, "epochs": 2, "batch_size": 16},
+        "training": {"max_steps": 2, "eval_steps": 2, "label_routing": 1.0, "freeze_gate": True},
+    }
+    train(tiny_config(corpus_dir, **sections), output_dir=tmp_path / "run")
+    sections["gate_warmup"] |= {"context_replies": "shuffled", "epochs": 3}
+    values = tiny_values(corpus_dir, **sections)
+    (tmp_path / "rewarm.yaml").write_text(yaml.safe_dump(values))
+    assert gate_rewarm.main(["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "new")]) == 0
+    before = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "run" / "last")
+    after = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "new")
+    experts = {k: v for k, v in before.state_dict().items() if "lora_" in k}
+    assert experts and all(torch.equal(v, after.state_dict()[k]) for k, v in experts.items())
+    assert any(not torch.equal(p, q) for p, q in zip(before.gate.parameters(), after.gate.parameters()))
+    assert len(json.loads((tmp_path / "new" / "gate_warmup.json").read_text())["epochs"]) == 3

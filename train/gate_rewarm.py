@@ -1,0 +1,84 @@
+"""Warming the gate of a trained checkpoint up again, without training its experts again.
+
+``python -m moe_empathy.train.gate_rewarm --model DIR --config CONFIG --out DIR`` runs the
+config's ``gate_warmup`` stage (:func:`~.gate_warmup.warm_up_gate`) on the checkpoint's gate and
+saves the checkpoint with the new gate (and the stage's log and features) to ``--out``.
+
+This gives what a full retrain with the new warm-up would give only when the experts never
+saw the gate: the checkpoint must come from a run with ``training.label_routing: 1`` and
+``training.freeze_gate: true`` (every labelled turn routed by its label, the gate unchanged
+by the joint run). The config's ``training`` section is checked for both, and the checkpoint's
+gate must have the shape the config asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moe_empathy.errors import run_command
+from moe_empathy.utils import replace_output_dir
+
+from .baselines import encode_splits, ensure_corpus, load_tokenizer
+from .config import TrainConfig, load_config, training_arguments
+from .config_yaml import ConfigError
+from .gate_warmup import context_replies, warm_up_gate
+
+GATE_KEYS = ("gate_layer", "gate_hidden_size", "gate_memory", "gate_memory_size", "gate_type")
+
+
+def check_rewarmable(config: TrainConfig, model_config) -> None:
+    """Refuses a config or checkpoint whose experts depend on the gate, or whose gate differs.
+
+    Args:
+        config: the training config the checkpoint was trained with (its ``gate_warmup`` may change).
+        model_config: the checkpoint's :class:`~moe_empathy.MoeEmpathyConfig`.
+    """
+    if config.gate_warmup is None:
+        raise ConfigError("the config has no gate_warmup section: nothing to warm the gate up with")
+    if config.training.label_routing != 1.0 or not config.training.freeze_gate:
+        raise ConfigError(
+            f"training.label_routing is {config.training.label_routing} and training.freeze_gate is "
+            f"{config.training.freeze_gate}: the experts trained under the gate's own routing, so a new gate "
+            "would change what they were trained for; retrain with `moe-empathy train` instead"
+        )
+    wanted = {key: getattr(config.model, key) for key in GATE_KEYS if getattr(config.model, key, None) is not None}
+    differs = {key: (getattr(model_config, key), value) for key, value in wanted.items() if getattr(model_config, key) != value}
+    if differs:
+        shown = ", ".join(f"{k}: checkpoint {have!r}, config {want!r}" for k, (have, want) in differs.items())
+        raise ConfigError(f"the checkpoint's gate is not the config's ({shown}); pass the config it was trained with")
+
+
+def rewarm(args: argparse.Namespace) -> dict:
+    """Runs the command line: warm-up on the checkpoint's gate, then saves the model to ``args.out``."""
+    from moe_empathy.loading import load_model_and_tokenizer
+
+    config = load_config(args.config)
+    model, _, _ = load_model_and_tokenizer(args.model)
+    check_rewarmable(config, model.config)
+    tokenizer = load_tokenizer(config)
+    warmup = config.gate_warmup
+    training_args = training_arguments(config, str(args.out), 0)
+    seed = config.training.seed
+    splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, training_args), warmup.data, context_replies(warmup, seed))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with replace_output_dir(args.out, args.overwrite, "gate rewarm") as staging:
+        log = warm_up_gate(model.train(), splits, pad, warmup, seed, staging)
+        model.eval().save_pretrained(staging)
+    accuracy = ", ".join(f"{k} {v:.1%}" for k, v in log["test_accuracy"].items() if v is not None)
+    print(f"gate warmed up again ({warmup.context_replies} replies in context): test accuracy {accuracy}; wrote {args.out}")
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe_empathy.train.gate_rewarm", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="the trained gated checkpoint")
+    parser.add_argument("--config", required=True, help="the YAML config it was trained with, its gate_warmup section as wanted now")
+    parser.add_argument("--out", required=True, type=Path, help="where the checkpoint with the new gate goes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command in --out")
+    return run_command(rewarm, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
