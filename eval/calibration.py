@@ -10,6 +10,8 @@ non-decreasing, piecewise-linear) curve fitted on rated replies:
 * the fit part of the hand-labelled set (``eval/data/hand_labelled.jsonl``, split the same
   way, stratified by label), because model-written replies rarely show much empathy: few
   rated replies lie above 3, and a curve fitted on them alone could never reach the high band.
+  The two sets weigh half each in the fit, so the many low-end model replies do not drown
+  the few hand-labelled ones that span the scale.
 
 The target of a reply is the raters' mean of ``1 + 4 s / 6`` (``s``: a rater's total of the
 three mechanism strengths, :func:`~moe_empathy.train.taxonomy.total_to_score`), which is the
@@ -178,18 +180,22 @@ class IsotonicCurve:
     y: list[float]
 
     @classmethod
-    def fit(cls, raw, target) -> IsotonicCurve:
-        """Least-squares isotonic regression (pool adjacent violators) of ``target`` on ``raw``.
+    def fit(cls, raw, target, weight=None) -> IsotonicCurve:
+        """Weighted least-squares isotonic regression (pool adjacent violators) of ``target`` on ``raw``.
 
         Args:
             raw: ``[n]`` raw scores.
             target: ``[n]`` reference scores.
+            weight: ``[n]`` positive weights of the points, or None for equal weights.
         """
         raw, target = np.asarray(raw, dtype=float), np.asarray(target, dtype=float)
-        if raw.shape != target.shape or raw.size == 0:
-            raise ValueError(f"need as many targets as raw scores (got {raw.size} and {target.size}), at least one")
+        weight = np.ones_like(raw) if weight is None else np.asarray(weight, dtype=float)
+        if raw.shape != target.shape or raw.shape != weight.shape or raw.size == 0:
+            raise ValueError(f"need as many targets and weights as raw scores (got {raw.size}, {target.size}, {weight.size}), at least one")
+        if (weight <= 0).any():
+            raise ValueError("isotonic weights must be positive")
         xs, inverse = np.unique(raw, return_inverse=True)
-        sums, weights = np.bincount(inverse, target), np.bincount(inverse).astype(float)
+        sums, weights = np.bincount(inverse, target * weight), np.bincount(inverse, weight)
         blocks: list[list[float]] = []  # [sum, weight, first knot, last knot]
         for k in range(len(xs)):
             blocks.append([sums[k], weights[k], k, k])
@@ -293,6 +299,9 @@ def fit_calibration(scorer: Scorer, config: SplitConfig = SplitConfig()) -> dict
     """
     dev_fit, _, hand_fit, _ = fit_items(config)
     items = dev_fit + hand_fit
-    curve = IsotonicCurve.fit(raw_scores(scorer, items), [i.reference for i in items])
+    # Each set gets half of the fit's weight: the model-written replies are many but almost all
+    # at the low end, and only the hand-labelled ones reach the upper part of the scale.
+    weight = [0.5 / len(dev_fit)] * len(dev_fit) + [0.5 / len(hand_fit)] * len(hand_fit)
+    curve = IsotonicCurve.fit(raw_scores(scorer, items), [i.reference for i in items], weight)
     return {"x": curve.x, "y": curve.y, "target": "raters' mean of 1 + 4 s / 6", "fitted_on": {"devset": len(dev_fit), "hand_labelled": len(hand_fit)},
             "split": {"heldout_fraction": config.heldout_fraction, "seed": config.seed}}

@@ -40,6 +40,15 @@ def test_isotonic_curve_pools_ties_and_rejects_bad_input():
         IsotonicCurve.fit([1.0, 2.0], [1.0])
 
 
+def test_a_weighted_isotonic_fit_equals_the_fit_with_repeated_points():
+    raw, target = [1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 3.0]
+    weighted = IsotonicCurve.fit(raw, target, [1.0, 3.0, 2.0, 1.0])
+    repeated = IsotonicCurve.fit([1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 4.0], [2.0, 1.0, 1.0, 1.0, 4.0, 4.0, 3.0])
+    assert np.allclose(weighted([1.0, 2.0, 3.0, 4.0]), repeated([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="positive"):
+        IsotonicCurve.fit(raw, target, [1.0, 0.0, 1.0, 1.0])
+
+
 def _items(n_per: dict[str, int]) -> list[RatedReply]:
     return [RatedReply(id=f"{s}{k:03d}", stratum=s, context=[], reply="x", reference=1.0, rater_levels=("low",), empathy=1.0)
             for s, n in n_per.items() for k in range(n)]
