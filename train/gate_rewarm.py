@@ -65,7 +65,7 @@ def rewarm(args: argparse.Namespace) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with replace_output_dir(args.out, args.overwrite, "gate rewarm") as staging:
         log = warm_up_gate(model.train(), splits, pad, warmup, seed, staging)
-        model.eval().save_pretrained(staging)
+        model.eval().save_pretrained(staging, compact=True)
     accuracy = ", ".join(f"{k} {v:.1%}" for k, v in log["test_accuracy"].items() if v is not None)
     print(f"gate warmed up again ({warmup.context_replies} replies in context): test accuracy {accuracy}; wrote {args.out}")
     return log

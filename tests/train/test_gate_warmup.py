@@ -195,6 +195,7 @@ def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
     values = tiny_values(corpus_dir, **sections)
     (tmp_path / "rewarm.yaml").write_text(yaml.safe_dump(values))
     assert gate_rewarm.main(["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "experts.safetensors").is_file() and not (tmp_path / "new" / "model.safetensors").exists()  # compact
     before = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "run" / "last")
     after = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "new")
     experts = {k: v for k, v in before.state_dict().items() if "lora_" in k}
