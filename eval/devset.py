@@ -236,6 +236,12 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def check_appendable(out: Path, key_path: Path) -> None:
+    """Refuses ``--append`` when there is no set to add to (checked before any rollout)."""
+    if not out.exists() or not key_path.exists():
+        raise ValueError(f"--append adds to an existing set, but {out} or {key_path} is missing; drop --append to start one")
+
+
 def write_batch(out: Path, key_path: Path, settings_path: Path, pairs: list[tuple[dict, dict]], settings: dict, seed: int, append: bool) -> list[dict]:
     """Writes a batch of sampled replies: a new set, or (``append``) one more batch after the
     items already in ``out``, numbered after them, its settings added to the list of batches.
@@ -252,8 +258,7 @@ def write_batch(out: Path, key_path: Path, settings_path: Path, pairs: list[tupl
     """
     old_items, old_keys, batches = [], [], []
     if append:
-        if not out.exists() or not key_path.exists():
-            raise ValueError(f"--append adds to an existing set, but {out} or {key_path} is missing; drop --append to start one")
+        check_appendable(out, key_path)
         old_items, old_keys = read_jsonl(out), read_jsonl(key_path)
         if [r["id"] for r in old_items] != [r["id"] for r in old_keys]:
             raise ValueError(f"{out} and {key_path} list different ids; the set is damaged")
@@ -324,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()])
     ranges = parse_ranges(args.ranges)
     counts = parse_counts(args.per_range, len(ranges))
+    if args.append:
+        check_appendable(out, key_path)
     if ranges[-1][0] > args.turns:
         raise ValueError(f"--ranges {args.ranges} reaches beyond --turns {args.turns}: a range there gives no reply")
     model_dir = check_model_dir(args.model) if args.model else default_checkpoint()

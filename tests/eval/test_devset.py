@@ -135,3 +135,11 @@ def test_an_appended_batch_is_numbered_after_the_set_and_its_settings_are_listed
     assert [i["id"] for i in items] == [k["id"] for k in keys] == ["r001", "r002", "r003", "r004", "r005"]
     assert {i["reply"] for i in items[:3]} == {"a0", "a1", "a2"} and {k["system"] for k in keys[3:]} == {"gated"}
     assert json.loads(settings.read_text()) == [{"batch": 1}, {"batch": 2}]
+
+
+def test_append_without_a_set_is_refused_before_any_rollout(tmp_path, monkeypatch):
+    import moe_empathy.eval.devset as devset
+
+    monkeypatch.setattr(devset, "rollout", lambda *a, **k: pytest.fail("rolled out before checking --append"))
+    with pytest.raises(ValueError, match="drop --append"):
+        devset.main(["--out", str(tmp_path / "replies.jsonl"), "--append"])
