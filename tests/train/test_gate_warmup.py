@@ -93,6 +93,7 @@ def test_features_are_saved_and_read_back(tmp_path):
             assert torch.equal(getattr(again[name], key), getattr(f, key))
 
 
+@pytest.mark.integration  # a trainer run
 def test_a_run_with_warm_up_and_label_routing(corpus_dir, tmp_path):
     """The warm-up writes its log and the joint run keeps its gate (freeze_gate) while the
     experts train by label."""
@@ -183,6 +184,7 @@ def test_rewarm_refuses_experts_that_trained_under_the_gate(corpus_dir):
         tiny_config(corpus_dir, gate_warmup={**warmup, "context_replies": "random"})
 
 
+@pytest.mark.integration  # a trainer run
 def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
     """A run routed by label with a frozen gate, then its gate warmed up again on shuffled replies."""
     sections = {
