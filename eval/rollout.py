@@ -30,6 +30,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from moe_empathy.cache import GrowingCache, gate_state_of
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
+from moe_empathy.turns import padding_id
 
 from .chat_tokens import RowTokens, TurnTokens, batch_tensors, eos_ids_of, split_reply
 from .systems import EvalSystem
@@ -146,7 +147,7 @@ def rollout_batch(
         raise ValueError(f"a rollout batch needs dialogues of one length; got lengths {sorted(counts)}")
     num_turns = counts.pop()
     model = system.model
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     eos_ids = eos_ids_of(model, tokenizer)
     template = TurnTokens(tokenizer)
     results = [

@@ -19,8 +19,8 @@ import torch
 
 from moe_empathy.errors import run_command
 from moe_empathy.train.collate import encode_dialogue
-from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, gate_step, turn_features
-from moe_empathy.turns import find_turn_markers
+from moe_empathy.train.gate_warmup import TurnFeatures, accuracy_by_turn, format_accuracy, gate_step, turn_features
+from moe_empathy.turns import find_turn_markers, padding_id
 from moe_empathy.utils import atomic_write_text
 
 from .dialogues import EVAL_SEED, select_dialogues, synthesise_split
@@ -51,7 +51,7 @@ def gate_accuracy(model, tokenizer, records: list[dict]) -> dict:
     """
     markers = find_turn_markers(tokenizer)
     rows = [encode_dialogue(r, tokenizer, markers, model.config.expert_names, 10**6) for r in records]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     features = turn_features(model.eval(), rows, pad)
     _, logits = gate_step(model, features)  # [n, T, E]
     followed, shifts = shifts_followed(logits, features)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     model, tokenizer, description = load_model_and_tokenizer(args.model)
     records = select_dialogues(synthesise_split(args.split, args.dialogues, args.turns, args.seed), args.dialogues, args.turns)
     result = {"model": description, "split": args.split, "seed": args.seed, **gate_accuracy(model, tokenizer, records)}
-    by_turn = ", ".join(f"{k} {v:.1%}" for k, v in result["accuracy"].items() if v is not None)
+    by_turn = format_accuracy(result["accuracy"])
     print(f"teacher-forced gate accuracy on {result['dialogues']} x {args.turns}-turn {args.split} dialogues: {by_turn}; "
           f"shifts followed {result['shifts_followed']:.1%} of {result['shifts']}")
     if args.json:

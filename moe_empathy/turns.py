@@ -27,6 +27,15 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_genera
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def find_turn_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Finds the token ids that open a user message and an assistant reply in the template.
 
@@ -190,7 +199,7 @@ def encode_chat(
         for dialogue in dialogues
     ]
     width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     turn_ids, gate_mask = derive_turn_ids(input_ids, user_marker, assistant_marker, attention_mask)

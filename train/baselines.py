@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedModel, PreTr
 
 from moe_empathy.base import DEFAULT_BASE_ID, default_base_path, load_base
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
-from moe_empathy.turns import find_turn_markers
+from moe_empathy.turns import find_turn_markers, padding_id
 
 from .collate import encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
@@ -213,7 +213,7 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
     splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     if config.method in ("gated", "gated_from_experts"):
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
         if config.gate_warmup is not None and resume is None:  # a resumed run's checkpoint holds the warmed-up gate

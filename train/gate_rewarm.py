@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from moe_empathy.errors import run_command
+from moe_empathy.turns import padding_id
 from moe_empathy.utils import replace_output_dir
 
 from .baselines import encode_splits, ensure_corpus, load_tokenizer
 from .config import TrainConfig, load_config, training_arguments
 from .config_yaml import ConfigError
-from .gate_warmup import context_replies, warm_up_gate
+from .gate_warmup import context_replies, format_accuracy, warm_up_gate
 
 GATE_KEYS = ("gate_layer", "gate_hidden_size", "gate_memory", "gate_memory_size", "gate_type")
 
@@ -62,12 +63,11 @@ def rewarm(args: argparse.Namespace) -> dict:
     training_args = training_arguments(config, str(args.out), 0)
     seed = config.training.seed
     splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, training_args), warmup.data, context_replies(warmup, seed))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     with replace_output_dir(args.out, args.overwrite, "gate rewarm") as staging:
         log = warm_up_gate(model.train(), splits, pad, warmup, seed, staging)
         model.eval().save_pretrained(staging, compact=True)
-    accuracy = ", ".join(f"{k} {v:.1%}" for k, v in log["test_accuracy"].items() if v is not None)
-    print(f"gate warmed up again ({warmup.context_replies} replies in context): test accuracy {accuracy}; wrote {args.out}")
+    print(f"gate warmed up again ({warmup.context_replies} replies in context): test accuracy {format_accuracy(log['test_accuracy'])}; wrote {args.out}")
     return log
 
 

@@ -235,6 +235,15 @@ def accuracy_by_turn(model: MoeEmpathyForCausalLM, features: TurnFeatures) -> di
     return out
 
 
+def format_accuracy(accuracy: dict[str, float | None]) -> str:
+    """One line of :func:`accuracy_by_turn`'s result: ``all 90.2%, turns 1-6 95.0%, ...`` (empty buckets left out).
+
+    Args:
+        accuracy: bucket name -> accuracy, or None for a bucket without turns.
+    """
+    return ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if v is not None)
+
+
 def train_gate(model: MoeEmpathyForCausalLM, train: TurnFeatures, validation: TurnFeatures, section: GateWarmupSection, seed: int, progress: Progress | None = None) -> dict:
     """Trains ``model.gate`` on features; keeps the state with the best validation accuracy.
 
@@ -367,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         section = GateWarmupSection(epochs=args.epochs)
         results = compare_memories(model, load_features(args.features), [m.strip() for m in args.memories.split(",")], section, seed=0)
         for memory, result in results.items():
-            shown = ", ".join(f"{k} {v:.1%}" for k, v in result["test"].items() if v is not None)
-            print(f"gate memory {memory}: test accuracy {shown}")
+            print(f"gate memory {memory}: test accuracy {format_accuracy(result['test'])}")
         if args.json:
             atomic_write_text(Path(args.json), json.dumps(results, indent=1) + "\n")
         return results
