@@ -42,7 +42,8 @@ def build_systems(base, tokenizer, expert_layers: list[int], rank: int) -> dict[
     from .modeling_moe_empathy import MoeEmpathyForCausalLM
 
     layers = base.config.num_hidden_layers
-    systems = {"base": copy.deepcopy(base).eval()}  # a copy like every other system: copies and the loaded original differ by ~2% in speed
+    # copies like every other system: copies and the loaded original differ by ~2% in speed
+    systems = {"base": copy.deepcopy(base).eval(), "base_copy": copy.deepcopy(base).eval()}
     for count in expert_layers:
         if not 1 <= count <= layers:
             raise ValueError(f"--expert-layers {count} is outside 1..{layers} (the base has {layers} decoder layers)")
@@ -144,14 +145,32 @@ def measure(systems: dict, batch_sizes: list[int], contexts: list[int], steps: i
                 progress.advance(task)
         base = samples["base"]
         for name, times in samples.items():
+            ratios = [b / t for t, b in zip(times, base)]
+            low, high = median_interval(ratios)
             rows.append({
                 "system": name, "batch": batch, "mixture": mixture, "context": context,
                 "step_ms": round(statistics.median(times) * 1e3, 3),
                 "overhead_ms": round(statistics.median(t - b for t, b in zip(times, base)) * 1e3, 3),
-                "tokens_per_s_vs_base": round(statistics.median(b / t for t, b in zip(times, base)), 4),
+                "tokens_per_s_vs_base": round(statistics.median(ratios), 4),
+                "ratio_low": round(low, 4),
+                "ratio_high": round(high, 4),
                 "steps": len(times),
             })
     return rows
+
+
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap 95% interval of the median of ``values``.
+
+    Args:
+        values: paired ratios (one per adjacent base/system step pair).
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+    """
+    data = torch.tensor(values, dtype=torch.float64)  # [pairs]
+    picks = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    medians = data[picks].median(dim=1).values.sort().values  # [resamples]
+    return medians[int(0.025 * resamples)].item(), medians[int(0.975 * resamples) - 1].item()
 
 
 def profile_steps(systems: dict, batch_sizes: list[int], context: int, vocab: int, steps: int = 8) -> str:
@@ -167,7 +186,7 @@ def profile_steps(systems: dict, batch_sizes: list[int], context: int, vocab: in
     """
     from torch.profiler import ProfilerActivity, profile
 
-    gated_name = next(name for name in systems if name != "base")
+    gated_name = next(name for name in systems if name.startswith("gated"))
     lines = ["# One decode step, profiled", "", f"Context {context} cached tokens, {steps} steps each; times are per step (profiler overhead included).", ""]
     for batch in batch_sizes:
         for name in ("base", gated_name):
@@ -248,11 +267,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     vocab = base.config.vocab_size
     with Progress(console=console) as progress:
         rows = measure(systems, args.batch_sizes, args.contexts, args.steps, args.repeats, vocab, progress)
-    table = Table(title="decode step: median ms; overhead and ratio: medians over adjacent base/gated step pairs")
+    table = Table(title="decode step: median ms; overhead and ratio: medians over adjacent base/system step pairs "
+                        "(95% bootstrap interval); base_copy repeats the base's work: its spread is the machine's noise")
     for column in ("system", "batch", "mixture", "context", "step ms", "overhead ms", "tokens/s vs base"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["system"], str(r["batch"]), r["mixture"], str(r["context"]), f"{r['step_ms']:.2f}", f"{r['overhead_ms']:+.2f}", f"{r['tokens_per_s_vs_base']:.3f}x")
+        ratio = f"{r['tokens_per_s_vs_base']:.3f}x [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
+        table.add_row(r["system"], str(r["batch"]), r["mixture"], str(r["context"]), f"{r['step_ms']:.2f}", f"{r['overhead_ms']:+.2f}", ratio)
     console.print(table)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

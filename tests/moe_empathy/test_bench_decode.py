@@ -20,11 +20,23 @@ def test_every_setting_is_measured_against_the_base_of_the_same_round(systems):
     rows = bench_decode.measure(systems, [1, 2], [8, 16], steps=2, repeats=1, vocab=49152)
     settings = {(r["batch"], r["mixture"], r["context"]) for r in rows}
     assert settings == {(1, "fold", 8), (1, "fold", 16), (2, "fold", 8), (2, "fold", 16), (2, "per_row", 8), (2, "per_row", 16)}
-    assert {r["system"] for r in rows} == {"base", "gated_2_layers", "gated_4_layers"}
+    assert {r["system"] for r in rows} == {"base", "base_copy", "gated_2_layers", "gated_4_layers"}
     for row in rows:
+        assert row["ratio_low"] <= row["tokens_per_s_vs_base"] <= row["ratio_high"]
         base = next(r for r in rows if r["system"] == "base" and (r["batch"], r["mixture"], r["context"]) == (row["batch"], row["mixture"], row["context"]))
         assert row["overhead_ms"] == pytest.approx(row["step_ms"] - base["step_ms"], abs=2e-3)
         assert row["steps"] == 2
+
+
+def test_the_median_interval_holds_the_median_and_narrows_with_more_pairs():
+    generator = torch.Generator().manual_seed(0)
+    few, many = (1.0 + 0.05 * torch.randn(n, generator=generator) for n in (16, 1024))
+    low_few, high_few = bench_decode.median_interval(few.tolist())
+    low_many, high_many = bench_decode.median_interval(many.tolist())
+    assert low_few <= few.median().item() <= high_few
+    assert low_many <= 1.0 <= high_many
+    assert high_many - low_many < high_few - low_few
+    assert bench_decode.median_interval([0.97] * 8) == pytest.approx((0.97, 0.97))
 
 
 @pytest.mark.parametrize("fold", [True, False])
