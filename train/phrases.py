@@ -87,7 +87,8 @@ class TaskPhrases:
         details: the second scenario axis (who / what / where), filled into ``{detail}``.
         situations: situation name -> its phrases.
         slots: values of placeholders that any situation of the task may use.
-        followups: what a calm user says to keep the task going.
+        followups: what a calm user says to keep the task going -> its answer (an item of
+            helpful content), which the reply to that message gives.
         extra_help: items of helpful content for any situation of the task.
         triggers: what can make the user more upset.
     """
@@ -99,7 +100,7 @@ class TaskPhrases:
     details: Options
     situations: dict[str, Situation]
     slots: dict[str, Options]
-    followups: Options
+    followups: dict[str, Item]
     extra_help: tuple[Item, ...]
     triggers: tuple[Trigger, ...]
 
@@ -350,7 +351,11 @@ def _check_task(file: Path, task: TaskPhrases) -> None:
         _placeholders(file, key, getattr(task, key), NAMING_FIELDS | shared)
     _placeholders(file, "context", task.context, REPLY_FIELDS | shared)
     _placeholders(file, "details", task.details, ())
-    _placeholders(file, "followups", task.followups, USER_FIELDS | shared)
+    if not task.followups:
+        _fail(file, "followups", "expected at least one follow-up (question -> its answer's paraphrases)")
+    _placeholders(file, "followups", tuple(task.followups), USER_FIELDS | shared)
+    for question, answer in task.followups.items():
+        _placeholders(file, f"followups.{question}", answer, REPLY_FIELDS | shared)
     _placeholders(file, "extra_help", task.extra_help, REPLY_FIELDS | shared)
     _placeholders(file, "slots", tuple(task.slots.values()), ())
     for i, trigger in enumerate(task.triggers):

@@ -1,10 +1,12 @@
 """Template backend of the dialogue generator: realises a plan (:mod:`.synth_plan`) as
 text composed from the phrase data (:mod:`.phrases`).
 
-User messages come from the situation's requests, the task's follow-ups and
+User messages come from the situation's requests, the task's follow-up questions and
 triggers and the user's style; a reply is composed of empathy sentences (one per
-mechanism the plan asks for, at its strength) around one or two items of helpful
-content, with leads and connectives, and ends with a question when it explores.
+mechanism the plan asks for, at its strength) around its helpful content, with leads
+and connectives, and ends with a question when it explores. The helpful content answers
+the user's message: a follow-up question gets that question's answer, any other message
+the next one or two items of the situation's (then the task's) advice.
 """
 
 from __future__ import annotations
@@ -63,11 +65,27 @@ class _Filler:
         return _capitalise(template.format(**{**values, **extra}))
 
 
-def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
+def _user_message(plan, turn, filler, rng, used_trigger, asked: list[str]) -> tuple[str, bool, tuple[str, ...] | None]:
+    """The user's message at a turn.
+
+    Args:
+        plan: the dialogue's plan.
+        turn: index of the exchange.
+        filler: the dialogue's placeholder filler.
+        rng: the dialogue's random stream.
+        used_trigger: whether the user already disclosed the plan's trigger.
+        asked: follow-up questions asked so far (updated); a question is asked again only
+            once all of the task's have been.
+
+    Returns:
+        the message, whether the trigger is now disclosed, and the answer (an item of
+        helpful content) when the message is a follow-up question, else None.
+    """
     phrases = load_phrases()
     spec = phrases.tasks[plan.task]
     style = plan.persona["style"]
     state, previous = plan.states[turn], plan.states[turn - 1] if turn else None
+    answer = None
     if turn == 0:
         asks = spec.situations[plan.situation].asks
         greeting, ask = rng.choice(phrases.user.greetings[style]), filler(rng.choice(asks), "user")
@@ -75,13 +93,17 @@ def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
             ask = ask[0].lower() + ask[1:] if not ask.startswith("I ") else ask
         text = f"{greeting} {ask}"
     elif state == previous:
-        text = filler(rng.choice(spec.followups), "user")
+        fresh = [q for q in spec.followups if q not in asked] or list(spec.followups)
+        question = rng.choice(fresh)
+        asked.append(question)
+        answer = spec.followups[question]
+        text = filler(question, "user")
         if state in ("upset", "distressed") and rng.random() < 0.3:
             text = f"{filler(rng.choice(phrases.user.still), 'user')} {text}"
     elif STATE_OFFSET[state] > STATE_OFFSET[previous] and state != "neutral" and not used_trigger:
         trigger = spec.triggers[plan.trigger]
         filler.assistant["event"] = trigger.event.format(**filler.assistant)
-        return filler(trigger.says, "user"), True
+        return filler(trigger.says, "user"), True, None
     elif STATE_OFFSET[state] > STATE_OFFSET[previous]:
         text = filler(rng.choice(phrases.user.relapse[style]), "user")
     elif state == "steady":
@@ -90,7 +112,7 @@ def _user_message(plan, turn, filler, rng, used_trigger) -> tuple[str, bool]:
         text = filler(rng.choice(phrases.user.calmer[style]), "user")
     if style == "casual" and not text.startswith("I "):
         text = text[0].lower() + text[1:]
-    return (text + rng.choice(phrases.user.fillers[style])).strip(), used_trigger
+    return (text + rng.choice(phrases.user.fillers[style])).strip(), used_trigger, answer
 
 
 def _empathy(rng, mechanism: str, strength: int, named: bool) -> str:
@@ -127,18 +149,21 @@ def _advice(rng, items: list[tuple[str, str]], opener: str, context: str, named:
     Args:
         rng: the dialogue's random stream.
         items: (paraphrase, kind) pairs in order; a paraphrase is a step or a full
-            sentence, kind is ``situation``, ``extra`` or ``repeat`` (said before).
+            sentence, kind is ``answer`` (to the user's follow-up question), ``situation``,
+            ``extra`` or ``repeat`` (said before).
         opener: what comes before the first item ("" for nothing).
         context: the task's lead placing advice in the scenario's detail.
         named: the reply already addresses the user by name, so no lead does.
     """
     assistant = load_phrases().assistant
     (first, kind), rest = items[0], items[1:]
-    if kind == "repeat":
+    if kind == "answer":  # an answer speaks for itself ("No, ...", "Only if ..."): no lead, no context
+        lead = ""
+    elif kind == "repeat":
         lead = rng.choice(assistant.recaps)
     else:
         lead = rng.choice(assistant.step_leads if _is_step(first) else assistant.sentence_leads)
-    if rng.random() < 0.4:
+    if kind != "answer" and rng.random() < 0.4:
         opener = _lead(opener, context)
     if named or "{name}" in opener:
         lead = "" if "{name}" in lead else lead
@@ -184,7 +209,18 @@ def _next_help(plan, rng, help_queue: list, said: set, count: int) -> list[tuple
     return chosen
 
 
-def _assistant_message(plan, turn, filler, rng, help_queue, said) -> str:
+def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str:
+    """The assistant's reply at a turn (see the module's docstring).
+
+    Args:
+        plan: the dialogue's plan.
+        turn: index of the exchange.
+        filler: the dialogue's placeholder filler.
+        rng: the dialogue's random stream.
+        help_queue: advice still to give (see :func:`_next_help`).
+        said: advice given so far (see :func:`_next_help`).
+        answer: the answer's paraphrases when the user asked a follow-up question, else None.
+    """
     phrases = load_phrases()
     strengths = plan.mechanisms[turn]
     feeling = []
@@ -202,7 +238,10 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said) -> str:
     else:
         opener = rng.choice(phrases.assistant.bridges) if rng.random() < 0.3 else ""
     spec = phrases.tasks[plan.task]
-    items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
+    if answer is not None:
+        items = [(rng.choice(answer), "answer")]
+    else:
+        items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
     named = any("{name}" in part for part in feeling)
     parts = feeling + [_advice(rng, items, opener, spec.context, named)]
     if strengths["exploration"]:
@@ -224,12 +263,12 @@ def render_template(plan: DialoguePlan) -> dict:
     rng = random.Random(plan.seed + ":text")
     filler = _Filler(plan, rng)
     help_queue = list(load_phrases().tasks[plan.task].situations[plan.situation].help)
-    said, used_trigger = set(), False
+    said, used_trigger, asked = set(), False, []
     turns = []
     for turn in range(len(plan.states)):
-        text, used_trigger = _user_message(plan, turn, filler, rng, used_trigger)
+        text, used_trigger, answer = _user_message(plan, turn, filler, rng, used_trigger, asked)
         turns.append(user_turn(text, plan.states[turn]))
-        reply = _assistant_message(plan, turn, filler, rng, help_queue, said)
+        reply = _assistant_message(plan, turn, filler, rng, help_queue, said, answer)
         turns.append(assistant_turn(reply, plan, turn))
     return record(plan, turns, backend="template")
 

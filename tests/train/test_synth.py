@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 
 import pytest
 from datasets import load_from_disk
@@ -34,11 +35,12 @@ def test_same_seed_same_corpus_and_prefix_stable(corpus):
 
 # SHA-256 of each split's JSONL for SynthConfig(dialogues=400, seed=0), the corpus that
 # `moe-empathy synth --out DIR --dialogues 400 --seed 0` writes: pinned when the phrases moved
-# from Python to YAML and the generator was split up, which left the output byte-identical.
+# from Python to YAML and the generator was split up, which left the output byte-identical;
+# re-pinned when follow-up questions got their own answers.
 PINNED_JSONL_SHA256 = {
-    "train": "a00fd79e7c2f720f0bdf4a99bb1021c512ddcda4ba0a4fe9b865d2643c573efe",
-    "validation": "78463b01dffb67e25f3e09263345c8501d964cadabd1345588764c1c253e6b0a",
-    "test": "95d278fd6581d3db522127feb5ffedd3b83b0ad019f52316b1ac6031b972428d",
+    "train": "b595c0dade3473a185e93805a2d13ea69e9a9334206e9c8f06e0b80d054ea62a",
+    "validation": "de7f28a63272b791af0baddf5f7052d42a76ed3c5e381ac4813b3e3758d2253d",
+    "test": "f1497b3493d12f772dab9cadc13c4f25bc75a2b35f4ca3fe69536c19f0514dc9",
 }
 
 
@@ -96,6 +98,28 @@ def test_shift_turns_are_visible_in_the_user_message(corpus):
         for user, reply in zip(d["turns"][::2], d["turns"][1::2]):
             if reply["shift"] == "up":
                 assert not any(user["content"].lower().startswith(f.lower()[:-1]) for f in followups)
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a case-blind pattern: each placeholder matches any text."""
+    pieces = re.split(r"\{[a-z_]+\}", template)
+    return re.compile(".+".join(re.escape(piece) for piece in pieces), re.IGNORECASE)
+
+
+def test_a_follow_up_question_gets_its_answer_and_is_not_asked_twice_too_soon(corpus):
+    answered = 0
+    for d in _all(corpus):
+        followups = load_phrases().tasks[d["task"]].followups
+        asked = []
+        for user, reply in zip(d["turns"][::2], d["turns"][1::2]):
+            question = next((q for q in followups if _pattern(q.rstrip("?")).match(user["content"])), None)
+            if question is None:
+                continue
+            assert question not in asked or len(set(asked)) == len(followups), (d["dialogue_id"], question)
+            asked.append(question)
+            assert any(_pattern(answer).search(reply["content"]) for answer in followups[question]), (question, reply["content"])
+            answered += 1
+    assert answered > 200
 
 
 def test_bad_settings_are_refused_with_the_fix():
