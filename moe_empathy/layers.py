@@ -173,8 +173,14 @@ class MultiLoraLinear(nn.Module):
         self.drop_merged_weight()
 
     def _versions(self) -> tuple[int, int, int]:
-        """The parameters' versions: optimiser steps and loads bump them."""
-        return self.lora_A._version, self.lora_B._version, self.base_layer.weight._version
+        """The parameters' versions: optimiser steps and loads bump them.
+
+        Read from the parameter dictionaries (which also sees a parameter replaced by another):
+        ``nn.Module.__getattr__`` is a slow path, and this runs in every expert linear at every
+        decode step.
+        """
+        own, base = self._parameters, self._modules["base_layer"]._parameters
+        return own["lora_A"]._version, own["lora_B"]._version, base["weight"]._version
 
     def _folded_weight(self, plan: RoutingPlan) -> torch.Tensor:
         """``W + delta_weight(plan.fold)`` for inference on a turn-constant mixture, kept per mixture.

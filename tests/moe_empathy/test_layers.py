@@ -58,6 +58,28 @@ def test_cached_experts_follow_parameter_updates(linear):
     assert not torch.allclose(before, after)
 
 
+def test_a_folded_weight_follows_updates_and_replacements_of_every_parameter(linear):
+    x = torch.randn(2, 3, 24)
+    shared = torch.softmax(torch.randn(1, 1, 3), -1).expand(2, 3, 3)  # one mixture: the layer folds
+    linear.routing_slot.plan = RoutingPlan.build(shared, torch.ones(2, 3, dtype=torch.bool), None, may_fold=True)
+    assert linear.routing_slot.plan.fold_key is not None
+    changes = [
+        lambda: linear.lora_B.mul_(2.0),  # in place, as an optimiser step or a load
+        lambda: linear.lora_A.add_(0.5),
+        lambda: linear.base_layer.weight.mul_(0.5),
+        lambda: setattr(linear, "lora_A", nn.Parameter(torch.randn_like(linear.lora_A))),  # replaced
+        lambda: setattr(linear.base_layer, "weight", nn.Parameter(torch.randn_like(linear.base_layer.weight))),
+    ]
+    with torch.no_grad():
+        linear.eval()(x)
+        for change in changes:
+            before = linear(x)  # the same plan object: the decode steps' fast path
+            change()
+            after = linear(x)
+            torch.testing.assert_close(after, _expected(linear, x, shared))
+            assert not torch.allclose(before, after)
+
+
 def test_no_plan_is_exactly_the_base(linear):
     x = torch.randn(2, 3, 24)
     assert torch.equal(linear(x), linear.base_layer(x))
