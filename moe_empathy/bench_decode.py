@@ -11,6 +11,11 @@ decoder layers, each over its own copy of the same base. Mixtures:
   layers fold into their weights once per turn: a step is then the base's GEMMs;
 * ``per_row``: each row has its own mixture (batch > 1): the experts' delta is added per row.
 
+With ``--narrow`` the systems are built on a random model of the default base's depth (30
+layers) but hidden size 64: its GEMMs cost next to nothing, so the overhead in ms is the
+per-step cost of the package's own code (hooks, routing, the expert linears' dispatch) alone,
+free of the GEMMs' timing noise.
+
 It writes ``decode_bench.csv``, ``decode_bench.png`` (overhead in ms against context length)
 and ``decode_profile.md`` (``torch.profiler``: where the time of one step goes, base beside
 gated). Run: ``moe-empathy bench decode``.
@@ -56,6 +61,19 @@ def build_systems(base, tokenizer, expert_layers: list[int], rank: int) -> dict[
                 param.add_(torch.randn_like(param) * 0.5)
         systems[f"gated_{count}_layers"] = gated
     return systems
+
+
+def narrow_base(base) -> torch.nn.Module:
+    """A random model of ``base``'s architecture and depth with hidden size 64 (see ``--narrow``).
+
+    Args:
+        base: the default base (its configuration is copied, not its weights).
+    """
+    config = copy.deepcopy(base.config)
+    config.hidden_size, config.intermediate_size = 64, 128
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    torch.manual_seed(0)
+    return type(base)(config).eval()
 
 
 class DecodeStep:
@@ -263,6 +281,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     console = Console()
     base, tokenizer = load_default_base()
+    if args.narrow:
+        base = narrow_base(base)
     systems = build_systems(base, tokenizer, args.expert_layers, args.rank)
     vocab = base.config.vocab_size
     with Progress(console=console) as progress:
@@ -299,6 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--narrow", action="store_true",
+                        help="the default base's depth at hidden size 64: GEMMs cost next to nothing, so the overhead is the package's own per-step cost")
     parser.add_argument("--skip-profile", action="store_true", help="no torch.profiler report")
     parser.add_argument("--output-dir", default="bench-decode", help="where the CSV, PNG and profile go")
     parser.set_defaults(func=run)

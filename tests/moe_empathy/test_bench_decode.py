@@ -61,3 +61,13 @@ def test_outputs_and_bad_layer_counts(systems, tokenizer, tmp_path):
     assert "layers.py" in report or "no Python frames" in report  # torch 2.14's profiler records no Python frames
     with pytest.raises(ValueError, match="outside 1..4"):
         bench_decode.build_systems(tiny_base(), tokenizer, [5], rank=4)
+
+
+def test_the_narrow_base_keeps_the_depth_and_architecture(tokenizer):
+    base = tiny_base()
+    narrow = bench_decode.narrow_base(base)
+    assert type(narrow) is type(base)
+    assert narrow.config.num_hidden_layers == base.config.num_hidden_layers
+    assert narrow.config.hidden_size == 64 and narrow.config.vocab_size == base.config.vocab_size
+    systems = bench_decode.build_systems(narrow, tokenizer, [base.config.num_hidden_layers], rank=4)
+    assert bench_decode.measure(systems, [1], [8], steps=1, repeats=1, vocab=narrow.config.vocab_size)
