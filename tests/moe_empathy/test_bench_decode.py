@@ -70,4 +70,6 @@ def test_the_narrow_base_keeps_the_depth_and_architecture(tokenizer):
     assert narrow.config.num_hidden_layers == base.config.num_hidden_layers
     assert narrow.config.hidden_size == 64 and narrow.config.vocab_size == base.config.vocab_size
     systems = bench_decode.build_systems(narrow, tokenizer, [base.config.num_hidden_layers], rank=4)
-    assert bench_decode.measure(systems, [1], [8], steps=1, repeats=1, vocab=narrow.config.vocab_size)
+    rows = bench_decode.measure(systems, [1], [8], steps=1, repeats=1, vocab=narrow.config.vocab_size)
+    assert {r["system"] for r in rows} == {"base", "base_copy", f"gated_{base.config.num_hidden_layers}_layers"}
+    assert all(r["step_ms"] > 0 for r in rows)
