@@ -1,15 +1,18 @@
 """How one forward is routed: decided once at ``gate_layer``, handed to every expert linear.
 
 The model's forward builds one :class:`GateCall` (the forward's routing inputs) and passes it
-to the decoder layers as the keyword argument ``ROUTING_KWARG``. Two kinds of forward
-pre-hook consume it (:func:`install_routing_hooks`):
+to the decoder layers as the keyword argument ``ROUTING_KWARG``. Forward pre-hooks consume it
+(:class:`RoutingHooks`):
 
 * on decoder layer ``gate_layer``: the gate reads the hidden states entering the layer and
-  decides every turn's mixture, and the call's :class:`RoutingPlan` is built from it, once;
-* on each expert layer's ``self_attn`` (the layer itself when it has none): the plan of the
-  layer's own call goes into the :class:`RoutingSlot` the expert linears read. The hook runs
-  inside transformers' gradient checkpointing, which wraps the layer's ``forward``, so the
-  recomputation in backward sees the very same plan.
+  decides every turn's mixture, the call's :class:`RoutingPlan` is built from it, once, and put
+  into the :class:`RoutingSlot` the expert linears read;
+* only while activation checkpointing is on, on each expert layer's ``self_attn``: the plan of
+  the layer's own call goes into the slot again. The hook runs inside transformers' gradient
+  checkpointing, which wraps the layer's ``forward``, so the recomputation in backward (after
+  the forward has returned and emptied the slot) sees the very same plan. Without
+  checkpointing there is nothing to recompute, and a decode step pays for no hook but the
+  gate layer's.
 
 A forward that continues the reply of an already decided turn (a decode step) gets the plan
 kept on the gate's state (:func:`continuing_call`): nothing is derived, validated or read back
@@ -190,25 +193,37 @@ def gate_fields(gate: GateOutput, gate_labels: torch.Tensor | None, config: MoeE
     return fields, losses
 
 
-def decide_gate_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Pre-hook of layer ``gate_layer``: decides the gate from the states entering it and plans the forward."""
-    call: GateCall | None = kwargs.get(ROUTING_KWARG)
-    if call is not None and call.plan is None:
-        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
-        call.output = call.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
-        # Looking for a fold reads the weights back: only where a fold can be used (inference).
-        may_fold = not torch.is_grad_enabled() and not layer.training
-        weights = call.output.weights  # [batch, turns, E]
-        if call.labels is not None:
-            weights = label_routing(weights, call.labels, call.label_share)
-        call.plan = plan_turns(weights, call.turn_ids, call.top_k, may_fold)
+class DecideGateHook:
+    """Pre-hook of layer ``gate_layer``: decides the gate from the states entering it, plans the
+    forward (unless the call continues a decided turn) and puts the plan into the slot.
+
+    An object rather than a closure, so that ``copy.deepcopy`` of a model points the copy's
+    hooks at the copy's slot (as for :class:`HandOverPlanHook`).
+
+    Args:
+        slot: the routing slot the model's expert linears read.
+    """
+
+    def __init__(self, slot: RoutingSlot):
+        self.slot = slot
+
+    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        call: GateCall | None = kwargs.get(ROUTING_KWARG)
+        if call is not None and call.plan is None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+            call.output = call.gate(hidden, call.turn_ids, call.gate_mask, call.state, call.forced)
+            # Looking for a fold reads the weights back: only where a fold can be used (inference).
+            may_fold = not torch.is_grad_enabled() and not layer.training
+            weights = call.output.weights  # [batch, turns, E]
+            if call.labels is not None:
+                weights = label_routing(weights, call.labels, call.label_share)
+            call.plan = plan_turns(weights, call.turn_ids, call.top_k, may_fold)
+        self.slot.plan = call.plan if call is not None else None
 
 
 class HandOverPlanHook:
-    """Pre-hook of an expert layer's ``self_attn``: puts the plan of the layer's call into the slot.
-
-    An object rather than a closure, so that ``copy.deepcopy`` of a model points the copy's
-    hooks at the copy's slot.
+    """Pre-hook of an expert layer's ``self_attn`` under activation checkpointing: puts the plan
+    of the layer's call into the slot, so that the layer's recomputation in backward finds it.
 
     Args:
         slot: the routing slot the model's expert linears read.
@@ -222,17 +237,37 @@ class HandOverPlanHook:
         self.slot.plan = call.plan if call is not None else None
 
 
-def install_routing_hooks(layers: nn.ModuleList, gate_layer: int, slot: RoutingSlot) -> list[RemovableHandle]:
-    """Registers the gate's pre-hook on ``layers[gate_layer]`` and the plan's on every layer from there up.
+class RoutingHooks:
+    """The routing pre-hooks of one model: the gate layer's always, the hand-over hooks only
+    while activation checkpointing is on in an expert layer (:meth:`follow_checkpointing`).
 
     Args:
         layers: the base model's decoder layers.
         gate_layer: the first layer with experts; the gate reads the states entering it.
         slot: the routing slot the model's expert linears read.
     """
-    hand_over = HandOverPlanHook(slot)
-    handles = [layers[gate_layer].register_forward_pre_hook(decide_gate_hook, with_kwargs=True)]
-    for layer in layers[gate_layer:]:
-        target = getattr(layer, "self_attn", None) or layer
-        handles.append(target.register_forward_pre_hook(hand_over, with_kwargs=True))
-    return handles
+
+    def __init__(self, layers: nn.ModuleList, gate_layer: int, slot: RoutingSlot):
+        self.expert_layers = list(layers[gate_layer:])
+        self.slot = slot
+        self.handles: list[RemovableHandle] = [layers[gate_layer].register_forward_pre_hook(DecideGateHook(slot), with_kwargs=True)]
+        self.hand_over: list[RemovableHandle] = []
+
+    def follow_checkpointing(self) -> None:
+        """Installs the hand-over hooks when an expert layer checkpoints its activations, removes them when none does."""
+        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self.expert_layers)
+        if checkpointing and not self.hand_over:
+            hand_over = HandOverPlanHook(self.slot)
+            for layer in self.expert_layers:
+                target = getattr(layer, "self_attn", None) or layer
+                self.hand_over.append(target.register_forward_pre_hook(hand_over, with_kwargs=True))
+        elif not checkpointing and self.hand_over:
+            for handle in self.hand_over:
+                handle.remove()
+            self.hand_over = []
+
+    def remove(self) -> None:
+        """Removes every routing hook (the model's experts are being unloaded)."""
+        for handle in self.handles + self.hand_over:
+            handle.remove()
+        self.handles, self.hand_over = [], []

@@ -126,7 +126,7 @@ class RoutingLog:
 
 class GateControlMixin:
     """The gated model's controls. The model provides ``config``, ``model`` (the base),
-    ``experts`` (``{path in model: MultiLoraLinear}``), ``_routing_hooks`` and the state these
+    ``experts`` (``{path in model: MultiLoraLinear}``), ``_routing_hooks`` (:class:`~moe_empathy.dispatch.RoutingHooks`) and the state these
     methods switch: ``_forced``, ``_label_share``, ``_experts_disabled``, ``_merged`` and ``_routing_log``."""
 
     @contextmanager
@@ -239,8 +239,7 @@ class GateControlMixin:
         for path, linear in self.experts.items():
             parent, leaf = path.rsplit(".", 1)
             setattr(self.model.get_submodule(parent), leaf, linear.base_layer)
-        for handle in self._routing_hooks:
-            handle.remove()
-        self.experts, self._routing_hooks = {}, []
+        self._routing_hooks.remove()
+        self.experts = {}
         return self.model
 

@@ -27,7 +27,7 @@ from .base import load_base
 from .cache import attach_gate_state, gate_state_of
 from .checkpoint import COMPACT_WEIGHTS, is_expert_key, read_compact, write_compact
 from .configuration_moe_empathy import MoeEmpathyConfig
-from .dispatch import continuing_call, deciding_call, gate_fields, install_routing_hooks
+from .dispatch import RoutingHooks, continuing_call, deciding_call, gate_fields
 from .gate import GateState, TurnGate
 from .gate_control import GateControlMixin, RoutingLog
 from .layers import ROUTING_KWARG, MultiLoraLinear, decoder_layers, inject_experts
@@ -129,7 +129,7 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
         self._label_share = 0.0
         self._experts_disabled = False
         self._routing_log: RoutingLog | None = None
-        self._routing_hooks = install_routing_hooks(decoder_layers(self.model), config.gate_layer, self._routing_slot)
+        self._routing_hooks = RoutingHooks(decoder_layers(self.model), config.gate_layer, self._routing_slot)
         self._merged = False
         self.post_init()
 
@@ -245,6 +245,8 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
         """
         if gate_state is None:
             gate_state = gate_state_of(cache)
+        if self.training:  # activation checkpointing (on only in training) needs the hand-over hooks
+            self._routing_hooks.follow_checkpointing()
         call = None
         if not self._experts_disabled and not self._merged:
             if continues_turn:
@@ -321,6 +323,12 @@ class MoeEmpathyForCausalLM(MoeEmpathyPreTrainedModel, GateControlMixin, MoeEmpa
                 f"during recomputation; {type(layers[self.config.gate_layer]).__name__} has none"
             )
         super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        self._routing_hooks.follow_checkpointing()
+
+    def activation_checkpointing_disable(self) -> None:
+        """Turns activation checkpointing off, and with it the per-layer routing hooks it needed."""
+        super().activation_checkpointing_disable()
+        self._routing_hooks.follow_checkpointing()
 
     # ----------------------------------------------------------------- introspection
 

@@ -27,7 +27,7 @@ from moe_empathy.base import DEFAULT_BASE_ID, default_base_path, load_base
 from moe_empathy.modeling_moe_empathy import MoeEmpathyForCausalLM
 from moe_empathy.turns import find_turn_markers, padding_id
 
-from .collate import encode_dialogue, restrict_to_expert
+from .collate import balance_label_turns, encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
 from .config_sections import TINY_BASE, DataSection, model_config_kwargs
 from .gate_warmup import context_replies, warm_up_gate
@@ -187,8 +187,11 @@ def encode_splits(
             records = records.select(range(min(limits[split], len(records))))
         if transform is not None:
             records = transform(list(records), split)
-        rows = [encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length) for r in records]
-        rows = [r for r in rows if r is not None]
+        encoded = [(encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length), r["task"]) for r in records]
+        encoded = [(row, task) for row, task in encoded if row is not None]
+        rows = [row for row, _ in encoded]
+        if split == "train" and data.balance_levels:
+            rows = balance_label_turns(rows, [task for _, task in encoded], config.training.seed)
         if not rows:
             raise ValueError(f"no {split} dialogue fits max_length={data.max_length}; raise it")
         splits[split] = rows if split == "train" else sorted(rows, key=lambda r: r["length"])

@@ -10,7 +10,10 @@ the batch (the result of a row does not depend on its batch mates), and drawn by
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from dataclasses import dataclass
+from statistics import median
 from typing import Iterator, Sequence
 
 import torch
@@ -87,6 +90,49 @@ def restrict_to_expert(row: dict, expert: int) -> dict | None:
         return None
     labels = [lab if turn in chosen else IGNORE_INDEX for lab, turn in zip(row["labels"], row["turn_ids"])]
     return {**row, "labels": labels}
+
+
+def balance_label_turns(rows: list[dict], tasks: Sequence[str], seed: int) -> list[dict]:
+    """Caps the LM-labelled turns of each (task, level) at the median task's count for that level.
+
+    In the corpus a level is tied to tasks (72% of high turns are grief, emotional or relationship
+    support), so an expert trained on all its turns also learns those tasks' content (the high
+    expert then speaks of a loss on any prompt). Here every task gives a level's expert at most
+    as many turns as the median task that has the level; the turns over the cap, drawn at random,
+    lose their LM labels but stay in the context. Rows left with no labelled turn are dropped.
+
+    Args:
+        rows: encoded dialogues (:func:`encode_dialogue`).
+        tasks: each row's task, in order.
+        seed: seeds the draw of the turns kept.
+
+    Returns:
+        The rows with the over-cap turns' labels set to -100 (new dicts; ``rows`` is untouched).
+    """
+    if len(tasks) != len(rows):
+        raise ValueError(f"got {len(tasks)} tasks for {len(rows)} rows; give each row its task")
+    turns: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (task, level) -> [(row, turn)]
+    for index, (row, task) in enumerate(zip(rows, tasks)):
+        for turn, level in enumerate(row["gate_labels"]):
+            turns[(task, level)].append((index, turn))
+    counts: dict[int, list[int]] = defaultdict(list)  # level -> its turn count in each task that has it
+    for (_, level), members in turns.items():
+        counts[level].append(len(members))
+    rng = random.Random(seed)
+    dropped: dict[int, set[int]] = defaultdict(set)  # row -> turns whose labels go
+    for (_, level), members in sorted(turns.items()):
+        cap = int(median(counts[level]))
+        if len(members) > cap:
+            for index, turn in rng.sample(members, len(members) - cap):
+                dropped[index].add(turn)
+    balanced = []
+    for index, row in enumerate(rows):
+        gone = dropped.get(index, set())
+        if len(gone) == len(row["gate_labels"]):
+            continue
+        labels = [IGNORE_INDEX if turn in gone else lab for lab, turn in zip(row["labels"], row["turn_ids"])]
+        balanced.append({**row, "labels": labels})
+    return balanced
 
 
 @dataclass

@@ -205,6 +205,11 @@ class DataSection:
         default=384, metadata={"help": "most tokens per dialogue; longer ones keep only their first whole turns"}
     )
     max_train_dialogues: int | None = field(default=None, metadata={"help": "use at most this many (None: all)"})
+    balance_levels: bool = field(
+        default=False,
+        metadata={"help": "training split: cap each (task, level)'s LM-labelled turns at the median task's count for "
+                  "that level, so that no task's content dominates an expert (the turns over the cap stay in the context)"},
+    )
     max_eval_dialogues: int | None = field(default=None, metadata={"help": "validation dialogues used per evaluation"})
     batching: str = field(
         default="bucket", metadata={"help": "'bucket' (similar lengths batched together) or 'pad' (random order)"}

@@ -135,6 +135,8 @@ def forward_from_prefix(
     if model._experts_disabled:
         raise ValueError("the prefix-cached forward trains the experts; it cannot run inside model.disable_experts()")
     decoder = _decoder(model)
+    if model.training:  # as the model's forward: checkpointed layers need the hand-over hooks
+        model._routing_hooks.follow_checkpointing()
     call = deciding_call(
         model.gate, model.config, None, prefix, attention_mask, turn_ids, gate_mask, None, model._forced, gate_labels, model._label_share
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from moe_empathy import MoeEmpathyForCausalLM, encode_chat
 from moe_empathy import dispatch
 from moe_empathy.cache import gate_state_of
+from moe_empathy.layers import decoder_layers
 
 from .conftest import randomise_experts, tiny_base
 
@@ -210,21 +211,39 @@ def test_target_modules_matching_nothing_are_refused(tokenizer):
         MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, target_modules=["query"])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, dialogue):
+def _hand_over_hooks(model) -> int:
+    layers = decoder_layers(model.model)[model.config.gate_layer :]
+    return sum(len(layer.self_attn._forward_pre_hooks) for layer in layers)
+
+
+@pytest.mark.parametrize("switch", ["model", "base"])
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, dialogue, switch):
     enc = encode_chat(tokenizer, dialogue[:4])
     grads = []
     for checkpointing in (False, True):
         model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1)
         randomise_experts(model)
         model.train()
-        if checkpointing:
-            model.activation_checkpointing_enable()
+        if checkpointing:  # through the gated model, or behind its back on the base it wraps
+            (model if switch == "model" else model.model).activation_checkpointing_enable()
         out = model(**{k: enc[k] for k in ("input_ids", "turn_ids", "gate_mask", "labels")}, gate_labels=torch.tensor([[0, 1]]))
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("gate.") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_per_layer_routing_hooks_exist_only_under_checkpointing(tokenizer):
+    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1)
+    experts = len(decoder_layers(model.model)) - 1
+    assert _hand_over_hooks(model) == 0  # decoding pays for the gate layer's hook alone
+    model.activation_checkpointing_enable()
+    assert _hand_over_hooks(model) == experts
+    model.activation_checkpointing_enable()  # twice: still one hook per layer
+    assert _hand_over_hooks(model) == experts
+    model.activation_checkpointing_disable()
+    assert _hand_over_hooks(model) == 0
 
 
 def test_text_generation_pipeline_with_chat_messages(model, tokenizer, dialogue):

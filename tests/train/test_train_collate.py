@@ -11,6 +11,7 @@ from moe_empathy.train.collate import (
     encode_dialogue,
     padding_fraction,
     padding_report,
+    balance_label_turns,
     restrict_to_expert,
 )
 from moe_empathy.train.synth import SynthConfig, generate
@@ -100,6 +101,39 @@ def test_restrict_to_expert(tok, records):
         assert label == (original if row["gate_labels"][turn] == expert else IGNORE_INDEX)
     absent = next(e for e in range(3) if e not in row["gate_labels"])
     assert restrict_to_expert(row, absent) is None
+
+
+def test_balance_label_turns_caps_each_task_at_the_median(tok):
+    from collections import Counter
+    from statistics import median
+
+    records = generate(SynthConfig(dialogues=120, min_turns=2, max_turns=6, seed=3))["train"]
+    markers = find_turn_markers(tok)
+    rows = [{**encode_dialogue(r, tok, markers, NAMES, 10_000), "index": i} for i, r in enumerate(records)]
+    tasks = [r["task"] for r in records]
+    before = Counter((task, level) for row, task in zip(rows, tasks) for level in row["gate_labels"])
+    balanced = balance_label_turns(rows, tasks, seed=0)
+    after = Counter()
+    for row in balanced:
+        original = rows[row["index"]]
+        assert row["input_ids"] == original["input_ids"] and row["gate_labels"] == original["gate_labels"]
+        for turn, level in enumerate(row["gate_labels"]):
+            labels = [lab for lab, t in zip(row["labels"], row["turn_ids"]) if t == turn]
+            kept = [lab for lab, t in zip(original["labels"], original["turn_ids"]) if t == turn]
+            if any(lab != IGNORE_INDEX for lab in labels):
+                assert labels == kept
+                after[(tasks[row["index"]], level)] += 1
+            else:
+                assert all(lab == IGNORE_INDEX for lab in labels)
+        assert any(lab != IGNORE_INDEX for lab in row["labels"])  # rows with nothing left are dropped
+    for (task, level), count in before.items():
+        cap = int(median(c for (_, lev), c in before.items() if lev == level))
+        assert after[(task, level)] == min(count, cap)
+    assert sum(after.values()) < sum(before.values())  # the corpus ties levels to tasks: something is capped
+    assert balance_label_turns(rows, tasks, seed=0) == balanced
+    assert rows[0]["labels"] == encode_dialogue(records[0], tok, markers, NAMES, 10_000)["labels"]  # input untouched
+    with pytest.raises(ValueError, match="give each row its task"):
+        balance_label_turns(rows, tasks[:-1], seed=0)
 
 
 def test_sampler_is_a_seeded_permutation_with_buckets():
