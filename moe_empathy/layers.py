@@ -6,9 +6,10 @@ Layer contract (in the spirit of peft's ``LoraLayer``):
 * ``lora_A [E, r, in]`` and ``lora_B [E, out, r]`` hold the ``E`` experts; ``B`` starts at
   zero, so a fresh layer equals its base exactly.
 * The per-token gate comes from the :class:`~moe_empathy.routing.RoutingPlan` in the
-  model's shared :class:`~moe_empathy.routing.RoutingSlot` (``routing_slot``), set by a
-  pre-hook from the decoder layer's keyword arguments, so gradient checkpointing's
-  recomputation sees the very same plan. The plan was built and checked once per forward.
+  model's shared :class:`~moe_empathy.routing.RoutingSlot` (``routing_slot``), set by the
+  gate layer's pre-hook (and, under activation checkpointing, again by a pre-hook of each
+  expert layer, so that the recomputation sees the very same plan; see
+  :mod:`moe_empathy.dispatch`). The plan was built and checked once per forward.
 * Forward dispatch, in order: no plan (experts disabled, or a call outside the gated
   model) or a mixture merged into the base weight (:meth:`MultiLoraLinear.merge`) -> base;
   inference with one mixture shared by every token -> one GEMM with the folded weight (a

@@ -92,8 +92,9 @@ class RoutingPlan:
 class RoutingSlot:
     """Where a model's expert linears find the plan of the decoder layer running now.
 
-    The plan is set by a pre-hook from the decoder layer's own keyword arguments, so
-    gradient checkpointing's recomputation of a layer sees the very same plan.
+    The plan is set by the gate layer's pre-hook from that layer's keyword arguments and,
+    under activation checkpointing, again by each expert layer's, so that the recomputation of
+    a layer in backward sees the very same plan (:class:`~moe_empathy.dispatch.RoutingHooks`).
     """
 
     __slots__ = ("plan",)
