@@ -246,6 +246,20 @@ def test_per_layer_routing_hooks_exist_only_under_checkpointing(tokenizer):
     assert _hand_over_hooks(model) == 0
 
 
+def test_a_deep_copy_routes_through_its_own_slot(tokenizer, dialogue):
+    model = MoeEmpathyForCausalLM.from_base(tiny_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=1)
+    randomise_experts(model)
+    model.eval()
+    clone = copy.deepcopy(model)
+    (hook,) = decoder_layers(clone.model)[1]._forward_pre_hooks.values()
+    assert hook.slot is clone._routing_slot
+    enc = encode_chat(tokenizer, dialogue)
+    with torch.no_grad():
+        assert torch.equal(model(enc["input_ids"]).logits, clone(enc["input_ids"]).logits)
+    clone.activation_checkpointing_enable()
+    assert _hand_over_hooks(model) == 0 and _hand_over_hooks(clone) == len(decoder_layers(clone.model)) - 1
+
+
 def test_text_generation_pipeline_with_chat_messages(model, tokenizer, dialogue):
     from transformers import pipeline
 
