@@ -187,11 +187,14 @@ def encode_splits(
             records = records.select(range(min(limits[split], len(records))))
         if transform is not None:
             records = transform(list(records), split)
-        encoded = [(encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length), r["task"]) for r in records]
-        encoded = [(row, task) for row, task in encoded if row is not None]
+        encoded = [(encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length), r) for r in records]
+        encoded = [(row, record) for row, record in encoded if row is not None]
         rows = [row for row, _ in encoded]
         if split == "train" and data.balance_levels:
-            rows = balance_label_turns(rows, [task for _, task in encoded], config.training.seed)
+            tasks = [record.get("task") for _, record in encoded]
+            if None in tasks:
+                raise ValueError(f"data.balance_levels needs every dialogue's `task`, and {path} has dialogues without; drop the setting")
+            rows = balance_label_turns(rows, tasks, config.training.seed)
         if not rows:
             raise ValueError(f"no {split} dialogue fits max_length={data.max_length}; raise it")
         splits[split] = rows if split == "train" else sorted(rows, key=lambda r: r["length"])

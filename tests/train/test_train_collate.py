@@ -8,10 +8,10 @@ from moe_empathy.train.collate import (
     IGNORE_INDEX,
     DialogueCollator,
     LengthBucketSampler,
+    balance_label_turns,
     encode_dialogue,
     padding_fraction,
     padding_report,
-    balance_label_turns,
     restrict_to_expert,
 )
 from moe_empathy.train.synth import SynthConfig, generate
@@ -156,3 +156,17 @@ def test_buckets_pad_less_than_random_batches():
     assert 0 <= report["bucket"] < report["pad"] / 3
     assert padding_fraction([5, 5, 10], [[0, 1], [2]]) == 0.0
     assert padding_fraction([5, 10], [[0, 1]]) == pytest.approx(0.25)
+
+
+def test_encode_splits_balances_the_training_split_only(corpus_dir, tok):
+    from moe_empathy.train.baselines import encode_splits
+
+    from train_support import tiny_config
+
+    def labelled_tokens(rows):
+        return sum(lab != IGNORE_INDEX for row in rows for lab in row["labels"])
+
+    plain = encode_splits(tiny_config(corpus_dir), tok, corpus_dir)
+    balanced = encode_splits(tiny_config(corpus_dir, data={"balance_levels": True}), tok, corpus_dir)
+    assert balanced["validation"] == plain["validation"] and balanced["test"] == plain["test"]
+    assert 0 < labelled_tokens(balanced["train"]) < labelled_tokens(plain["train"])
