@@ -193,12 +193,12 @@ def gate_fields(gate: GateOutput, gate_labels: torch.Tensor | None, config: MoeE
     return fields, losses
 
 
-class DecideGateHook:
-    """Pre-hook of layer ``gate_layer``: decides the gate from the states entering it, plans the
-    forward (unless the call continues a decided turn) and puts the plan into the slot.
+class HandOverPlanHook:
+    """Pre-hook of an expert layer's ``self_attn`` under activation checkpointing: puts the plan
+    of the layer's call into the slot, so that the layer's recomputation in backward finds it.
 
     An object rather than a closure, so that ``copy.deepcopy`` of a model points the copy's
-    hooks at the copy's slot (as for :class:`HandOverPlanHook`).
+    hooks at the copy's slot.
 
     Args:
         slot: the routing slot the model's expert linears read.
@@ -206,6 +206,19 @@ class DecideGateHook:
 
     def __init__(self, slot: RoutingSlot):
         self.slot = slot
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call: GateCall | None = kwargs.get(ROUTING_KWARG)
+        self.slot.plan = call.plan if call is not None else None
+
+
+class DecideGateHook(HandOverPlanHook):
+    """Pre-hook of layer ``gate_layer``: decides the gate from the states entering it, plans the
+    forward (unless the call continues a decided turn), then hands the plan over like any expert layer.
+
+    Args:
+        slot: the routing slot the model's expert linears read.
+    """
 
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         call: GateCall | None = kwargs.get(ROUTING_KWARG)
@@ -218,23 +231,7 @@ class DecideGateHook:
             if call.labels is not None:
                 weights = label_routing(weights, call.labels, call.label_share)
             call.plan = plan_turns(weights, call.turn_ids, call.top_k, may_fold)
-        self.slot.plan = call.plan if call is not None else None
-
-
-class HandOverPlanHook:
-    """Pre-hook of an expert layer's ``self_attn`` under activation checkpointing: puts the plan
-    of the layer's call into the slot, so that the layer's recomputation in backward finds it.
-
-    Args:
-        slot: the routing slot the model's expert linears read.
-    """
-
-    def __init__(self, slot: RoutingSlot):
-        self.slot = slot
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call: GateCall | None = kwargs.get(ROUTING_KWARG)
-        self.slot.plan = call.plan if call is not None else None
+        super().__call__(layer, args, kwargs)
 
 
 class RoutingHooks:
