@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The subpackages that pyproject.toml's package-dir maps from top-level folders of the repository.
-SUBPACKAGES = ("kernels", "train", "eval")
+SUBPACKAGES = ("train", "eval")
 
 
 def _source_dir(package: str) -> Path:
@@ -26,7 +26,7 @@ def _not_python(folder: str, names: list[str]) -> list[str]:
 
 def installed_layout(target: Path) -> Path:
     """Copies the package's Python files into ``target`` in their installed layout
-    (``moe_empathy/kernels/``, ...), which the import graph needs: in an editable install
+    (``moe_empathy/train/``, ...), which the import graph needs: in an editable install
     the subpackages live beside moe_empathy/, not in it.
 
     Args:
