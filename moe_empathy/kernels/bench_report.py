@@ -82,7 +82,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
                 ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=8)
         device = sel[0].device if sel else ""
-        fig.suptitle(f"multi-LoRA layer, {mode}, rank {rank}, {num_experts} experts ({device})")
+        # two lines, so that the title fits a figure of one column
+        fig.suptitle(f"multi-LoRA layer, {mode}\nrank {rank}, {num_experts} experts ({device})", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"bench_{mode}.png"
         fig.savefig(path, dpi=110)
