@@ -227,7 +227,7 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
             warmup_splits = encode_splits(
                 config, tokenizer, ensure_corpus(warmup.data, args), warmup.data, context_replies(warmup, config.training.seed)
             )
-            warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir)
+            warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir, device=args.device)
         data = {split: EncodedDialogues(rows) for split, rows in splits.items()}
         return run_training(config, model, pad, data, output_dir, max_steps, resume, description=config.method)
     if config.method == "single_lora":

@@ -81,6 +81,10 @@ class TurnFeatures:
         """The features of the dialogues at ``index``."""
         return TurnFeatures(self.pooled[index], self.counts[index], self.labels[index])
 
+    def to(self, device: torch.device | str) -> "TurnFeatures":
+        """The same features on ``device``."""
+        return TurnFeatures(self.pooled.to(device), self.counts.to(device), self.labels.to(device))
+
 
 @torch.no_grad()
 def turn_features(model: MoeEmpathyForCausalLM, rows: list[dict], pad_token_id: int, batch_size: int = 4, progress: Progress | None = None) -> TurnFeatures:
@@ -227,7 +231,7 @@ def accuracy_by_turn(model: MoeEmpathyForCausalLM, features: TurnFeatures) -> di
     _, logits = gate_step(model, features)
     labelled = features.labelled  # [n, T]
     right = (logits.argmax(-1) == features.labels) & labelled
-    position = torch.arange(1, labelled.shape[1] + 1).expand_as(labelled)
+    position = torch.arange(1, labelled.shape[1] + 1, device=labelled.device).expand_as(labelled)
     out = {"all": (right.sum() / labelled.sum()).item() if labelled.any() else None}
     for name, (low, high) in TURN_BUCKETS.items():
         inside = labelled & (position >= low) & (position <= high)
@@ -289,7 +293,13 @@ def train_gate(model: MoeEmpathyForCausalLM, train: TurnFeatures, validation: Tu
 
 
 def warm_up_gate(
-    model: MoeEmpathyForCausalLM, splits: dict[str, list[dict]], pad_token_id: int, section: GateWarmupSection, seed: int, output_dir: str | os.PathLike
+    model: MoeEmpathyForCausalLM,
+    splits: dict[str, list[dict]],
+    pad_token_id: int,
+    section: GateWarmupSection,
+    seed: int,
+    output_dir: str | os.PathLike,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Computes the gate's features of the warm-up corpus, trains the gate on them, and writes
     ``gate_warmup.json`` (the log, and the test split's accuracy by turn) to ``output_dir``.
@@ -301,10 +311,15 @@ def warm_up_gate(
         section: the config's ``gate_warmup`` section.
         seed: the run's seed.
         output_dir: the run folder.
+        device: where to compute the features and train the gate (the training's device, so
+            that a GPU run does not do this stage on the CPU); None: where the model is.
 
     Returns:
         What ``gate_warmup.json`` holds.
     """
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +331,7 @@ def warm_up_gate(
         else:
             features = {name: turn_features(model, rows, pad_token_id, progress=progress) for name, rows in splits.items()}
             save_features(features, path, fingerprint)
+        features = {name: f.to(device) for name, f in features.items()}
         before = accuracy_by_turn(model, features["test"])
         log = train_gate(model, features["train"], features["validation"], section, seed, progress)
     log["test_accuracy_before"] = before

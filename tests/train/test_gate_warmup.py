@@ -146,6 +146,22 @@ def test_a_restarted_warm_up_reads_its_features_back_unless_the_dialogues_change
     assert load_features(tmp_path / "gate_features.safetensors")["train"].pooled.shape[0] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_warm_up_runs_on_the_device_it_is_given_and_matches_the_cpu(tokenizer, long_rows, tmp_path):
+    from moe_empathy.train import gate_warmup
+
+    splits = {"train": long_rows[:4], "validation": long_rows[4:5], "test": long_rows[5:]}
+    section = GateWarmupSection(epochs=2, batch_size=4)
+    logs = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = MoeEmpathyForCausalLM.from_base(_base(), tokenizer=tokenizer, lora_rank=4, gate_layer=2, expert_names=NAMES)
+        logs[device] = gate_warmup.warm_up_gate(model, splits, 2, section, 0, tmp_path / device, device=device)
+        assert next(model.gate.parameters()).device.type == device
+    for cpu, cuda in zip(logs["cpu"]["epochs"], logs["cuda"]["epochs"]):
+        assert cuda["train_loss"] == pytest.approx(cpu["train_loss"], rel=1e-3)
+
+
 def test_compare_memories_trains_one_fresh_gate_per_kind_and_puts_the_own_gate_back(tokenizer):
     from moe_empathy.train.gate_warmup import compare_memories
 
