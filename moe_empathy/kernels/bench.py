@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-tokens", type=int, default=64, help="tokens a top-k routing run spans")
     parser.add_argument("--warmup", type=int, default=25, help="warm-up milliseconds")
     parser.add_argument("--rep", type=int, default=100, help="timed milliseconds a measurement")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="time each step's CUDA-graph replay (the GPU's own time; dense routing only)"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("bench-kernels"), help="where the CSV and PNGs go")
     parser.set_defaults(func=run_from_args)
 
@@ -72,6 +75,7 @@ def run_from_args(args: argparse.Namespace) -> list[Row]:
         turn_tokens=args.turn_tokens,
         warmup=args.warmup,
         rep=args.rep,
+        cuda_graph=args.cuda_graph,
         console=console,
     )
     print_table(rows, console)

@@ -11,7 +11,14 @@ alone:
 - ``base``: the base linear alone.
 
 Square layers (``in = out = hidden``). Sparse points use top-1 / top-2 routing constant
-over turn-sized runs of tokens, as the model's per-turn gate produces. Forward+backward
+over turn-sized runs of tokens, as the model's per-turn gate produces. Inputs are checked once
+per point, outside the timed call, as the model checks its routing once per forward
+(``validate=False`` on each layer's call).
+
+Two clocks on CUDA: eager (each call launched from Python, as an eager model runs: the
+host's launch overhead counts wherever the GPU finishes first) and, with ``cuda_graph``, the
+replay of the step captured as a CUDA graph (the GPU's own time; dense routing only, since
+Triton's top-k routing reads its block count back to the host). Forward+backward
 trains the experts, the gate and the input (the base weight is frozen). Achieved GB/s and
 TFLOP/s count the minimal traffic and the useful FLOPs of the layer, and are given as a
 share of the device's peaks measured at start-up (a large copy and a large matmul).
@@ -129,11 +136,13 @@ def _layer(method: str, inputs: dict, scaling: float):
     gate, expert_ids = inputs["gate"], inputs["expert_ids"]
     linear = torch.nn.functional.linear
 
+    MultiLoraInputs(x, lora_A, lora_B, gate, scaling, expert_ids).check()  # once, as the model does
+
     def forward():
         y = linear(x, weight)  # [tokens, hidden]
         if method in ("triton", "reference"):
             backend = "triton" if method == "triton" else "torch"
-            return multi_lora(x, lora_A, lora_B, gate, scaling, expert_ids=expert_ids, out=y, backend=backend)
+            return multi_lora(x, lora_A, lora_B, gate, scaling, expert_ids=expert_ids, out=y, backend=backend, validate=False)
         if method == "loop":
             dense = MultiLoraInputs(x, lora_A, lora_B, gate, scaling, expert_ids).dense_gate()
             return y + multi_lora_loop(x, lora_A, lora_B, dense, scaling)
@@ -175,6 +184,21 @@ def _time_ms(fn, device: str, warmup: int, rep: int) -> float:
         times.append(time.perf_counter() - start)
         spent += times[-1]
     return statistics.median(times) * 1000
+
+
+def _graphed(step):
+    """``step`` captured as a CUDA graph (after warm-up calls that autotune and fill the
+    allocator's pool), returned as its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _peak_mem_mb(fn, device: str) -> float:
@@ -242,6 +266,7 @@ def run_benchmark(
     turn_tokens: int = 64,
     warmup: int = 25,
     rep: int = 100,
+    cuda_graph: bool = False,
     console=None,
 ) -> list[Row]:
     """Times every method at every point of ``grid``.
@@ -253,6 +278,8 @@ def run_benchmark(
         methods: subset of ``METHODS``; ``"triton"`` needs CUDA.
         turn_tokens: tokens a routing run (a turn) spans in top-k modes.
         warmup, rep: milliseconds of warm-up and of timed repetitions.
+        cuda_graph: time the replay of each step captured as a CUDA graph (CUDA, dense routing
+            only) instead of eager calls.
         console: a rich console for the progress bar (a new one when None).
 
     Returns:
@@ -261,6 +288,10 @@ def run_benchmark(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if cuda_graph and not device.startswith("cuda"):
+        raise ValueError("cuda_graph timing needs a CUDA device; drop --cuda-graph or pass --device cuda")
+    if cuda_graph and set(grid["modes"]) != {"dense"}:
+        raise ValueError("cuda_graph timing takes dense routing only (top-k reads its block count back to the host); pass --modes dense")
     console = console or Console()
     itemsize = torch.empty(0, dtype=dtype).element_size()
     peak_gbps, peak_tflops = measure_peaks(device, dtype, warmup, rep)
@@ -277,7 +308,7 @@ def run_benchmark(
                 label = f"{method:>9} {point.pass_} {point.mode} T={point.tokens} h={point.hidden}"
                 progress.update(task, description=label)
                 step = _step(method, inputs, point, scaling=2.0)
-                times[method] = _time_ms(step, device, warmup, rep)
+                times[method] = _time_ms(_graphed(step) if cuda_graph else step, device, warmup, rep)
                 nbytes, flops, read_once = _work(point, method, itemsize)
                 ms = times[method]
                 rows.append(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+import torch
+
 from moe_empathy.cli import build_parser
 from moe_empathy.kernels import bench, bench_measure
 
@@ -36,3 +39,18 @@ def test_the_command_line_registers_the_kernels_benchmark(tmp_path):
 def test_grid_skips_top_k_wider_than_the_experts():
     points = bench_measure.grid_points({**bench_measure.QUICK_GRID, "experts": (1, 3), "modes": ("top2",), "tokens": (1,)})
     assert {p.experts for p in points} == {3}
+
+
+def test_cuda_graph_timing_refuses_what_it_cannot_capture():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        bench_measure.run_benchmark(bench_measure.QUICK_GRID, device="cpu", dtype=torch.float32, methods=("base",), cuda_graph=True)
+    with pytest.raises(ValueError, match="dense routing only"):
+        bench_measure.run_benchmark(bench_measure.QUICK_GRID, device="cuda", dtype=torch.float32, methods=("base",), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_timing_runs_every_method(tmp_path):
+    argv = ["--quick", "--tokens", "16", "--modes", "dense", "--cuda-graph", "--warmup", "1", "--rep", "5"]
+    rows = bench.main([*argv, "--output-dir", str(tmp_path)])
+    assert {r.method for r in rows} == set(bench_measure.METHODS)
+    assert all(r.median_ms > 0 for r in rows)
