@@ -35,11 +35,10 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-# On a machine with a CUDA GPU: the kernels' tests there (bf16 included) and the gate warm-up's
-# on the GPU, the kernels' tests under
-# compute-sanitizer's memcheck (every buffer its own allocation, so an overrun is seen), and the
-# kernel benchmark at issue 3's sizes, eager and as CUDA-graph replays (tables, CSVs and plots in
-# gpu-check/).
+# On a machine with a CUDA GPU: the kernels' and the gate warm-up's tests there (bf16 included),
+# the kernels' tests under compute-sanitizer's memcheck (every buffer its own allocation, so an
+# overrun is seen), and the kernel benchmark at issue 3's sizes, eager and as CUDA-graph replays
+# (tables, CSVs and plots in gpu-check/).
 GPU_BENCH := bench kernels --dtype bf16 --hidden 576,4096 --rank 16 --experts 3 --tokens 1,16,64,1024,4096,8192
 gpu-check: install
 	$(BIN)/python -m pytest -q tests/kernels tests/train/test_gate_warmup.py
