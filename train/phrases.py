@@ -38,7 +38,8 @@ Item = tuple[str, ...]
 Frame = tuple[Options, ...]
 
 # Placeholders a template may use, by who speaks (slots of the task and situation come on top).
-USER_FIELDS = frozenset({"name", "detail", "emotion", "topic"})
+# There is no {name}: no user of the corpus says their name, so no reply may use it.
+USER_FIELDS = frozenset({"detail", "emotion", "topic"})
 REPLY_FIELDS = USER_FIELDS | {"event", "about"}
 NAMING_FIELDS = frozenset({"detail"})  # a task's topic, its about names and a trigger's event
 

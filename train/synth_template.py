@@ -51,7 +51,6 @@ class _Filler:
         spec = load_phrases().tasks[plan.task]
         slots = {**spec.slots, **spec.situations[plan.situation].slots}
         self.user = {
-            "name": plan.persona["name"],
             "detail": plan.detail,
             "emotion": plan.emotion,
             "topic": spec.short,
@@ -115,20 +114,17 @@ def _user_message(plan, turn, filler, rng, used_trigger, asked: list[str]) -> tu
     return (text + rng.choice(phrases.user.fillers[style])).strip(), used_trigger, answer
 
 
-def _empathy(rng, mechanism: str, strength: int, named: bool) -> str:
+def _empathy(rng, mechanism: str, strength: int) -> str:
     """One sentence (a template) of a mechanism at a strength, composed from a frame's pieces.
 
     Args:
         rng: the dialogue's random stream.
         mechanism: one of ``taxonomy.MECHANISMS``.
         strength: 1 (weak) or 2 (strong).
-        named: the reply already addresses the user by name, so this sentence does not.
     """
     text = ""
     for options in rng.choice(load_phrases().assistant.empathy[mechanism][strength]):
         piece = rng.choice(options)
-        if "{name}" in piece and (named or "{name}" in text):
-            piece = next(o for o in options if "{name}" not in o)
         if piece:
             text += piece if not text or piece[0] in ",;:.!?" else " " + piece
     return text
@@ -143,7 +139,7 @@ def _after(opener: str, lead: str) -> str:
     return "" if opener and (":" in lead or lead.endswith(", ")) else lead
 
 
-def _advice(rng, items: list[tuple[str, str]], opener: str, context: str, named: bool) -> str:
+def _advice(rng, items: list[tuple[str, str]], opener: str, context: str) -> str:
     """The helpful part of a reply (a template): one or two items with leads and connectives.
 
     Args:
@@ -153,7 +149,6 @@ def _advice(rng, items: list[tuple[str, str]], opener: str, context: str, named:
             ``extra`` or ``repeat`` (said before).
         opener: what comes before the first item ("" for nothing).
         context: the task's lead placing advice in the scenario's detail.
-        named: the reply already addresses the user by name, so no lead does.
     """
     assistant = load_phrases().assistant
     (first, kind), rest = items[0], items[1:]
@@ -165,15 +160,13 @@ def _advice(rng, items: list[tuple[str, str]], opener: str, context: str, named:
         lead = rng.choice(assistant.step_leads if _is_step(first) else assistant.sentence_leads)
     if kind != "answer" and rng.random() < 0.4:
         opener = _lead(opener, context)
-    if named or "{name}" in opener:
-        lead = "" if "{name}" in lead else lead
     text = _lead(_after(opener, lead), first)
     if _is_step(first) and rest and _is_step(rest[0][0]) and rest[0][1] == kind and rng.random() < 0.5:
         text += rng.choice(assistant.step_joins) + rest.pop(0)[0]
     sentences = [_lead(opener, text + ("." if _is_step(first) else ""))]
     for item, kind in rest:
         if kind == "repeat":
-            connective = rng.choice(assistant.recaps).replace("{name}, ", "")
+            connective = rng.choice(assistant.recaps)
         else:
             connective = rng.choice(assistant.step_connectives if _is_step(item) else assistant.sentence_connectives)
         sentences.append(_lead(connective, item) + ("." if _is_step(item) else ""))
@@ -226,8 +219,7 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str
     feeling = []
     for mechanism in ("emotional_reaction", "interpretation"):
         if strengths[mechanism]:
-            named = any("{name}" in sentence for sentence in feeling)
-            feeling.append(_empathy(rng, mechanism, strengths[mechanism], named))
+            feeling.append(_empathy(rng, mechanism, strengths[mechanism]))
     if len(feeling) == 2 and rng.random() < 0.3:
         feeling.reverse()
     if not feeling:
@@ -242,11 +234,9 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str
         items = [(rng.choice(answer), "answer")]
     else:
         items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
-    named = any("{name}" in part for part in feeling)
-    parts = feeling + [_advice(rng, items, opener, spec.context, named)]
+    parts = feeling + [_advice(rng, items, opener, spec.context)]
     if strengths["exploration"]:
-        named = any("{name}" in part for part in parts)
-        parts.append(_empathy(rng, "exploration", strengths["exploration"], named))
+        parts.append(_empathy(rng, "exploration", strengths["exploration"]))
     about = rng.choice(spec.about).format(**filler.assistant)
     return filler(" ".join(parts), emotion=rng.choice(phrases.assistant.emotion_echoes[plan.emotion]), about=about)
 
