@@ -11,6 +11,11 @@ per id: ``empathy`` 1-5, ``helpfulness`` 1-5, ``flags``), without seeing any sco
 and writes ``blind_table.md``: mean empathy and helpfulness by source and expert, high minus
 low, the prompts rated in order (low <= medium <= high, low < high) and the flags of the high
 expert's replies.
+
+``python -m moe_empathy.eval.blind_rating agreement --dir A --dir B ... --scorers embedding`` reads
+several rated folders (each its own rater; a reply is the same item wherever its prompt and text
+match): how far each pair of raters agrees on the replies they share, and how far each calibrated
+scorer agrees with the raters' mean over every distinct reply.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from moe_empathy.utils import atomic_write_text
+
+from .scoring import mechanisms_to_score
 
 ITEMS, KEY, RATINGS, TABLE = "blind_items.jsonl", "blind_key.jsonl", "blind_ratings.jsonl", "blind_table.md"
 LEVELS = ("low", "medium", "high")
@@ -140,6 +149,75 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rated_replies(folder: Path) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """A rated folder's replies: ``(prompt id, reply text) -> (item, rating)``."""
+    ratings = {r["id"]: r for r in _read_jsonl(folder / RATINGS)}
+    items = _read_jsonl(folder / ITEMS)
+    missing = [i["id"] for i in items if i["id"] not in ratings]
+    if missing:
+        raise ValueError(f"{folder / RATINGS} has no rating for {len(missing)} items (first: {missing[0]})")
+    return {(i["prompt_id"], i["reply"]): (i, ratings[i["id"]]) for i in items}
+
+
+def reference(rating: dict) -> float:
+    """A rating's reference on the 1-5 scale, from its mechanisms (as the rating set's, ``1 + 4 s / 6``)."""
+    return mechanisms_to_score({m: rating[m] for m in ("emotional_reaction", "interpretation", "exploration")})
+
+
+def _spearman(a, b) -> float | None:
+    from scipy.stats import spearmanr
+
+    return None if len(set(a)) < 2 or len(set(b)) < 2 else float(spearmanr(a, b).statistic)
+
+
+def rater_agreement(folders: dict[str, dict]) -> list[dict]:
+    """Each pair of raters on the replies both rated: Spearman of the references, exact
+    agreement of the whole-number empathy rating.
+
+    Args:
+        folders: rater name -> :func:`rated_replies`.
+    """
+    pairs = []
+    names = list(folders)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = sorted(set(folders[a]) & set(folders[b]))
+            if not shared:
+                continue
+            ra, rb = ([folders[n][k][1] for k in shared] for n in (a, b))
+            pairs.append({
+                "raters": [a, b], "n": len(shared),
+                "spearman": _spearman([reference(r) for r in ra], [reference(r) for r in rb]),
+                "exact_empathy": float(np.mean([x["empathy"] == y["empathy"] for x, y in zip(ra, rb)])),
+            })
+    return pairs
+
+
+def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
+    """A scorer against the raters' mean reference over every distinct rated reply.
+
+    Args:
+        folders: rater name -> :func:`rated_replies`.
+        scorer: a scorer (:func:`~.scorers.get_scorer`).
+    """
+    from .validate_scorers import levels_of
+
+    merged: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
+    for replies in folders.values():
+        for key, (item, rating) in replies.items():
+            merged.setdefault(key, (item, []))[1].append(rating)
+    keys = sorted(merged)
+    items = [merged[k][0] for k in keys]
+    scores = [s.score for s in scorer.score([i["reply"] for i in items], [[{"role": "user", "content": i["user"]}] for i in items])]
+    refs = [statistics.fmean(reference(r) for r in merged[k][1]) for k in keys]
+    return {
+        "n": len(keys),
+        "spearman": _spearman(refs, scores),
+        "mae": float(np.mean(np.abs(np.array(scores) - np.array(refs)))),
+        "band_agreement": float(np.mean([bool(levels_of(p) & levels_of(r)) for p, r in zip(scores, refs)])),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m moe_empathy.eval.blind_rating``."""
     parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.blind_rating", description=__doc__.split("\n\n")[0])
@@ -150,7 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     items.add_argument("--seed", type=int, default=7, help="seed of the shuffle")
     table = commands.add_parser("table", help="join the ratings with the key; write blind_table.md")
     table.add_argument("--dir", required=True, type=Path, help="the folder of the items, key and ratings")
+    agree = commands.add_parser("agreement", help="raters against each other, and scorers against the raters")
+    agree.add_argument("--dir", action="append", required=True, type=Path, help="a rated folder (repeat for each rater)")
+    agree.add_argument("--scorers", default="embedding", help="comma-separated calibrated scorers ('' for none)")
     args = parser.parse_args(argv)
+    if args.command == "agreement":
+        from .scorers import get_scorer
+
+        folders = {str(d): rated_replies(d) for d in args.dir}
+        result = {"raters": rater_agreement(folders),
+                  "scorers": {n: scorer_agreement(folders, get_scorer(n)) for n in filter(None, args.scorers.split(","))}}
+        print(json.dumps(result, indent=1))
+        return 0
     if args.command == "items":
         probes = {}
         for spec in args.probe:

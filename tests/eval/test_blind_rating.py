@@ -69,3 +69,41 @@ def test_command_line_round_trip(tmp_path):
     assert "high - low" in (out / "blind_table.md").read_text()
     with pytest.raises(ValueError, match="LABEL=PATH"):
         blind_rating.main(["items", "--probe", "no-label", "--out", str(out)])
+
+
+def _rated_folder(folder, replies: list[tuple[str, str]], strengths: list[int]):
+    """A rated folder: items of (prompt id, reply) and ratings with the given emotional-reaction strengths."""
+    folder.mkdir()
+    items = [{"id": f"q{i:03d}", "prompt_id": p, "task": "t", "user": f"user {p}", "reply": r} for i, (p, r) in enumerate(replies)]
+    ratings = [{"id": item["id"], "emotional_reaction": s, "interpretation": 0, "exploration": 0, "empathy": 1 + s, "helpfulness": 2, "flags": []}
+               for item, s in zip(items, strengths)]
+    (folder / "blind_items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / "blind_ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
+    return folder
+
+
+def test_agreement_pairs_raters_on_shared_replies_and_scores_every_distinct_reply(tmp_path):
+    replies = [("p1", "Restart the router."), ("p2", "I'm so sorry, that sounds awful."), ("p3", "Okay.")]
+    a = _rated_folder(tmp_path / "a", replies, [0, 2, 0])
+    b = _rated_folder(tmp_path / "b", replies[:2] + [("p4", "Try again later.")], [0, 2, 1])
+    folders = {"a": blind_rating.rated_replies(a), "b": blind_rating.rated_replies(b)}
+    [pair] = blind_rating.rater_agreement(folders)
+    assert pair["n"] == 2 and pair["exact_empathy"] == 1.0
+    assert blind_rating.reference({"emotional_reaction": 2, "interpretation": 0, "exploration": 0}) == pytest.approx(1 + 4 * 2 / 6)
+
+    class Echo:  # scores a reply by its raters' reference, so agreement is perfect
+        def score(self, responses, contexts):
+            return [type("S", (), {"score": 1 + 4 * 2 / 6 if "sorry" in r else 1.0 + (r == "Try again later.") * 4 / 6})() for r in responses]
+
+    result = blind_rating.scorer_agreement(folders, Echo())
+    assert result["n"] == 4 and result["mae"] == pytest.approx(0.0) and result["band_agreement"] == 1.0
+    assert result["spearman"] == pytest.approx(1.0)
+
+
+def test_agreement_command_runs_on_rated_folders(tmp_path, capsys):
+    replies = [("p1", "Restart the router."), ("p2", "I'm so sorry, that sounds awful.")]
+    a = _rated_folder(tmp_path / "a", replies, [0, 2])
+    b = _rated_folder(tmp_path / "b", replies, [0, 1])
+    assert blind_rating.main(["agreement", "--dir", str(a), "--dir", str(b), "--scorers", "lexical"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["raters"][0]["n"] == 2 and result["scorers"]["lexical"]["n"] == 2
