@@ -10,9 +10,12 @@ reading as strong empathy. A sentence's strength for a mechanism is ``p(weak) + 
 a reply pools its distinct sentences with a soft maximum, ``(logsumexp(beta v) - log n) / beta``,
 so every sentence counts (a reply that is mostly neutral scores below its one warm sentence)
 and a repeated sentence counts once (the mechanism labels count each mechanism once, at its
-strongest sentence, as the rubric does). The settings were chosen on the calibration fit parts
-of the rated sets (``eval/README.md``); the raw 1-5 score is then mapped to the people's
-scale by :mod:`.calibration`.
+strongest sentence, as the rubric does). Warmth the user gave no cause for earns little: the
+user's latest messages are compared with distressed and neutral example messages, and emotional
+reaction and interpretation count ``floor + (1 - floor) p(distress)`` of their evidence (the
+rubric gives no credit for condolences about a printer). The settings were chosen on the
+calibration fit parts of the rated sets (``eval/README.md``); the raw 1-5 score is then mapped to
+the people's scale by :mod:`.calibration`.
 """
 
 from __future__ import annotations
@@ -127,6 +130,33 @@ NEUTRAL += (
     "What have you tried already?",
 )
 
+# Written for this scorer: user messages, to tell whether the user shows any distress. Sympathy
+# for a user who shows none misreads the message, and the rubric gives it no credit.
+USER_DISTRESSED: tuple[str, ...] = (
+    "My dad passed away last week and I can't stop crying.",
+    "I'm really scared about the test results.",
+    "I feel completely alone and I don't know what to do.",
+    "They fired me this morning; I'm devastated.",
+    "I'm so stressed I can't sleep.",
+    "My partner left me and I'm heartbroken.",
+    "I'm anxious all the time and it's getting worse.",
+    "It's been an awful week and I'm exhausted.",
+    "I'm so frustrated, nothing works and I'm about to give up.",
+    "Honestly I'm struggling a lot right now.",
+)
+USER_NEUTRAL: tuple[str, ...] = (
+    "Can you recommend a good comedy for tonight?",
+    "How do I reset my router?",
+    "What should I see in Rome in two days?",
+    "How should I prepare for a job interview?",
+    "What's a good recipe for dinner?",
+    "Is it worth upgrading my laptop's memory?",
+    "Which train is fastest to the airport?",
+    "How do I split chores fairly with my roommate?",
+    "What does an MRI involve?",
+    "Can you give me an example?",
+)
+
 _SENTENCES = re.compile(r"(?<=[.!?;])\s+|\n+")
 _KEY = re.compile(r"[^a-z0-9' ]+")
 
@@ -140,12 +170,18 @@ class EmbeddingConfig:
         top_k: prototypes averaged per class (their closest to the sentence).
         pooling_beta: sharpness of the soft maximum over a reply's sentences.
         batch_size: sentences embedded per forward pass.
+        user_messages: the user's latest messages in the context that tell whether the user shows
+            distress.
+        undue_warmth_floor: the share of its evidence that emotional reaction and interpretation
+            keep when the user shows no distress (all of it when the user clearly does).
     """
 
     temperature: float = 0.05
     top_k: int = 3
     pooling_beta: float = 5.0
     batch_size: int = 64
+    user_messages: int = 3
+    undue_warmth_floor: float = 0.4
 
 
 def default_model_dir() -> Path:
@@ -195,6 +231,7 @@ class EmbeddingScorer(Scorer):
         self.classes = [("neutral", 0)] + [(m, s) for m in MECHANISMS for s in (1, 2)]
         texts = [NEUTRAL] + [MECHANISM_PROTOTYPES[m][s] for m, s in self.classes[1:]]
         self._prototypes = [self.embed(list(t)) for t in texts]  # per class: [prototypes, H]
+        self._user_prototypes = [self.embed(list(USER_NEUTRAL)), self.embed(list(USER_DISTRESSED))]
 
     def embed(self, texts: list[str]):
         """Unit-length sentence embeddings -> ``[len(texts), H]``.
@@ -227,6 +264,32 @@ class EmbeddingScorer(Scorer):
             sims.append((sentence_embeddings @ protos.T).topk(k, dim=1).values.mean(1))  # [sentences]
         return torch.softmax(torch.stack(sims, dim=1) / self.config.temperature, dim=1)
 
+    def distress(self, contexts: list[str]) -> list[float]:
+        """For each context, the probability that the user shows distress in one of their latest
+        messages (1.0 for an empty context: nothing to go on, nothing discounted).
+
+        Args:
+            contexts: the conversations before the replies, as text (``role: content`` lines).
+        """
+        torch = self._torch
+        messages, owners = [], []
+        for i, context in enumerate(contexts):
+            users = [line[len("user: "):] for line in context.splitlines() if line.startswith("user: ")]
+            for message in users[-self.config.user_messages:]:
+                messages.append(message)
+                owners.append(i)
+        out = [1.0] * len(contexts)
+        if not messages:
+            return out
+        emb = self.embed(messages)
+        sims = [(emb @ protos.T).topk(min(self.config.top_k, protos.shape[0]), dim=1).values.mean(1) for protos in self._user_prototypes]
+        p = torch.softmax(torch.stack(sims, dim=1) / self.config.temperature, dim=1)[:, 1]  # [messages]
+        seen = set()
+        for owner, value in zip(owners, p.tolist()):
+            out[owner] = value if owner not in seen else max(out[owner], value)
+            seen.add(owner)
+        return out
+
     def strengths(self, probs) -> tuple[dict[str, float], dict[str, int]]:
         """A reply's pooled evidence (0-2) for each mechanism, and each mechanism's strength
         as the rubric counts it (once: its strongest sentence, rounded).
@@ -251,8 +314,14 @@ class EmbeddingScorer(Scorer):
             owners += [i] * len(parts)
         probs = self.class_probabilities(self.embed(sentences))
         owners_t = self._torch.tensor(owners)
+        distress = self.distress(contexts)
         results = []
         for i in range(len(responses)):
             strengths, mechanisms = self.strengths(probs[owners_t == i])
+            for m in ("emotional_reaction", "interpretation"):  # no credit for warmth the user gave no cause for
+                floor = self.config.undue_warmth_floor
+                weight = floor + (1 - floor) * distress[i]
+                strengths[m] *= weight
+                mechanisms[m] = int(round(mechanisms[m] * weight + 1e-9))
             results.append(EmpathyScore(score=mechanisms_to_score(strengths), mechanisms=mechanisms))
         return results

@@ -236,3 +236,14 @@ def test_judge_http_endpoint_against_local_stub():
 def test_judge_with_embedded_smollm2_orders_clear_cut_examples():
     flat, warm = get_scorer("judge", calibrated=False).score([FLAT, WARM], [CONTEXT, CONTEXT])
     assert warm.score > flat.score
+
+
+def test_embedding_gives_no_credit_for_warmth_the_user_gave_no_cause_for(embedding):
+    reply = "I'm so sorry you're going through this; it's a lot. Check that the printer is on the same network."
+    neutral = [{"role": "user", "content": "My printer says it's offline. What should I check?"}]
+    distressed = [{"role": "user", "content": "My mother died last night and I can't stop shaking."}]
+    on_neutral, on_distressed, alone = embedding.score([reply] * 3, [neutral, distressed, ""])
+    assert on_neutral.score < on_distressed.score
+    assert on_neutral.mechanisms["emotional_reaction"] <= on_distressed.mechanisms["emotional_reaction"]
+    assert alone.score == pytest.approx(on_distressed.score, abs=0.05)  # no context: nothing discounted
+    assert embedding.distress([""]) == [1.0]
