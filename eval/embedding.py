@@ -269,12 +269,15 @@ class EmbeddingScorer(Scorer):
         messages (1.0 for an empty context: nothing to go on, nothing discounted).
 
         Args:
-            contexts: the conversations before the replies, as text (``role: content`` lines).
+            contexts: the conversations before the replies, as text: ``role: content`` lines, or
+                plain text, read as one user message.
         """
         torch = self._torch
         messages, owners = [], []
         for i, context in enumerate(contexts):
             users = [line[len("user: "):] for line in context.splitlines() if line.startswith("user: ")]
+            if not users and not context.startswith("assistant: ") and context.strip():
+                users = [context]
             for message in users[-self.config.user_messages:]:
                 messages.append(message)
                 owners.append(i)

@@ -247,3 +247,4 @@ def test_embedding_gives_no_credit_for_warmth_the_user_gave_no_cause_for(embeddi
     assert on_neutral.mechanisms["emotional_reaction"] <= on_distressed.mechanisms["emotional_reaction"]
     assert alone.score == pytest.approx(on_distressed.score, abs=0.05)  # no context: nothing discounted
     assert embedding.distress([""]) == [1.0]
+    assert embedding.distress([neutral[0]["content"]]) == pytest.approx(embedding.distress(["user: " + neutral[0]["content"]]))
