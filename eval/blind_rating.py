@@ -32,6 +32,7 @@ import numpy as np
 from moe_empathy.utils import atomic_write_text
 
 from .scoring import mechanisms_to_score
+from .validate_scorers import agreement_with, spearman
 
 ITEMS, KEY, RATINGS, TABLE = "blind_items.jsonl", "blind_key.jsonl", "blind_ratings.jsonl", "blind_table.md"
 LEVELS = ("low", "medium", "high")
@@ -164,12 +165,6 @@ def reference(rating: dict) -> float:
     return mechanisms_to_score({m: rating[m] for m in ("emotional_reaction", "interpretation", "exploration")})
 
 
-def _spearman(a, b) -> float | None:
-    from scipy.stats import spearmanr
-
-    return None if len(set(a)) < 2 or len(set(b)) < 2 else float(spearmanr(a, b).statistic)
-
-
 def rater_agreement(folders: dict[str, dict]) -> list[dict]:
     """Each pair of raters on the replies both rated: Spearman of the references, exact
     agreement of the whole-number empathy rating.
@@ -187,7 +182,7 @@ def rater_agreement(folders: dict[str, dict]) -> list[dict]:
             ra, rb = ([folders[n][k][1] for k in shared] for n in (a, b))
             pairs.append({
                 "raters": [a, b], "n": len(shared),
-                "spearman": _spearman([reference(r) for r in ra], [reference(r) for r in rb]),
+                "spearman": spearman([reference(r) for r in ra], [reference(r) for r in rb]),
                 "exact_empathy": float(np.mean([x["empathy"] == y["empathy"] for x, y in zip(ra, rb)])),
             })
     return pairs
@@ -200,8 +195,6 @@ def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
         folders: rater name -> :func:`rated_replies`.
         scorer: a scorer (:func:`~.scorers.get_scorer`).
     """
-    from .validate_scorers import levels_of
-
     merged: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
     for replies in folders.values():
         for key, (item, rating) in replies.items():
@@ -210,12 +203,7 @@ def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
     items = [merged[k][0] for k in keys]
     scores = [s.score for s in scorer.score([i["reply"] for i in items], [[{"role": "user", "content": i["user"]}] for i in items])]
     refs = [statistics.fmean(reference(r) for r in merged[k][1]) for k in keys]
-    return {
-        "n": len(keys),
-        "spearman": _spearman(refs, scores),
-        "mae": float(np.mean(np.abs(np.array(scores) - np.array(refs)))),
-        "band_agreement": float(np.mean([bool(levels_of(p) & levels_of(r)) for p, r in zip(scores, refs)])),
-    }
+    return agreement_with(scores, refs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,11 +257,21 @@ class EmbeddingScorer(Scorer):
         Args:
             sentence_embeddings: ``[sentences, H]`` unit vectors.
         """
+        return self._softmax_over(sentence_embeddings, self._prototypes)
+
+    def _softmax_over(self, embeddings, classes):
+        """Each text's probabilities over prototype classes -> ``[texts, len(classes)]``: a
+        class's similarity is the mean of its ``top_k`` closest prototypes.
+
+        Args:
+            embeddings: ``[texts, H]`` unit vectors.
+            classes: one ``[prototypes, H]`` tensor per class.
+        """
         torch = self._torch
         sims = []
-        for protos in self._prototypes:
+        for protos in classes:
             k = min(self.config.top_k, protos.shape[0])
-            sims.append((sentence_embeddings @ protos.T).topk(k, dim=1).values.mean(1))  # [sentences]
+            sims.append((embeddings @ protos.T).topk(k, dim=1).values.mean(1))  # [texts]
         return torch.softmax(torch.stack(sims, dim=1) / self.config.temperature, dim=1)
 
     def distress(self, contexts: list[str]) -> list[float]:
@@ -272,7 +282,6 @@ class EmbeddingScorer(Scorer):
             contexts: the conversations before the replies, as text: ``role: content`` lines, or
                 plain text, read as one user message.
         """
-        torch = self._torch
         messages, owners = [], []
         for i, context in enumerate(contexts):
             users = [line[len("user: "):] for line in context.splitlines() if line.startswith("user: ")]
@@ -281,17 +290,13 @@ class EmbeddingScorer(Scorer):
             for message in users[-self.config.user_messages:]:
                 messages.append(message)
                 owners.append(i)
-        out = [1.0] * len(contexts)
         if not messages:
-            return out
-        emb = self.embed(messages)
-        sims = [(emb @ protos.T).topk(min(self.config.top_k, protos.shape[0]), dim=1).values.mean(1) for protos in self._user_prototypes]
-        p = torch.softmax(torch.stack(sims, dim=1) / self.config.temperature, dim=1)[:, 1]  # [messages]
-        seen = set()
-        for owner, value in zip(owners, p.tolist()):
-            out[owner] = value if owner not in seen else max(out[owner], value)
-            seen.add(owner)
-        return out
+            return [1.0] * len(contexts)
+        distressed = self._softmax_over(self.embed(messages), self._user_prototypes)[:, 1]  # [messages]
+        most: dict[int, float] = {}
+        for owner, value in zip(owners, distressed.tolist()):
+            most[owner] = max(most.get(owner, 0.0), value)
+        return [most.get(i, 1.0) for i in range(len(contexts))]
 
     def strengths(self, probs) -> tuple[dict[str, float], dict[str, int]]:
         """A reply's pooled evidence (0-2) for each mechanism, and each mechanism's strength

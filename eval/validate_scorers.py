@@ -55,11 +55,21 @@ def agreement(predictions, items: list[RatedReply]) -> dict:
     Returns:
         ``{"spearman", "mae", "band_agreement", "n"}``; Spearman is None for a constant prediction.
     """
+    return agreement_with(predictions, [i.reference for i in items])
+
+
+def agreement_with(predictions, references) -> dict:
+    """:func:`agreement` against references given as numbers.
+
+    Args:
+        predictions: ``[n]`` scores on the 1-5 scale.
+        references: ``[n]`` people's references on the same scale.
+    """
     predictions = np.asarray(predictions, dtype=float)
-    reference = np.array([i.reference for i in items])
+    reference = np.asarray(references, dtype=float)
     band = np.mean([bool(levels_of(p) & levels_of(r)) for p, r in zip(predictions, reference)])
-    return {"spearman": _spearman(reference, predictions), "mae": float(np.abs(predictions - reference).mean()),
-            "band_agreement": float(band), "n": len(items)}
+    return {"spearman": spearman(reference, predictions), "mae": float(np.abs(predictions - reference).mean()),
+            "band_agreement": float(band), "n": len(reference)}
 
 
 def forced_order(predictions, items: list[RatedReply]) -> dict:
@@ -114,7 +124,8 @@ def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None 
     return report
 
 
-def _spearman(labels, predictions) -> float | None:
+def spearman(labels, predictions) -> float | None:
+    """Spearman correlation, or None where either side is constant."""
     from scipy.stats import spearmanr
 
     if len(set(np.round(predictions, 12))) < 2 or len(set(labels)) < 2:
