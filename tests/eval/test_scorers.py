@@ -248,3 +248,13 @@ def test_embedding_gives_no_credit_for_warmth_the_user_gave_no_cause_for(embeddi
     assert alone.score == pytest.approx(on_distressed.score, abs=0.05)  # no context: nothing discounted
     assert embedding.distress([""]) == [1.0]
     assert embedding.distress([neutral[0]["content"]]) == pytest.approx(embedding.distress(["user: " + neutral[0]["content"]]))
+
+
+def test_embedding_reads_the_speakers_own_feelings_as_no_empathy(embedding):
+    # Degenerate replies in which the assistant talks about itself; raters give them 1.
+    own = ["I'm sobbing. I'm exhausted. I'm falling apart.", "I'm so amazing and I'm so happy with myself."]
+    sympathy = "I'm so sorry about your sister; losing her must hurt so much."
+    *selfish, kind = embedding.score(own + [sympathy], [CONTEXT] * 3)
+    for score in selfish:
+        assert score.mechanisms["emotional_reaction"] == 0
+        assert score.score < kind.score - 0.5
