@@ -135,23 +135,26 @@ def lora_model(config: TrainConfig, base: PreTrainedModel):
 # --------------------------------------------------------------------- data
 
 
-def ensure_corpus(data: DataSection, args: TrainingArguments) -> Path:
+def ensure_corpus(data: DataSection, args: TrainingArguments, base: str) -> Path:
     """``data.path``, generated first (main process) when missing and ``data.synthesize`` is set.
 
     Args:
         data: the config's ``data`` section (or the gate warm-up's).
         args: the run's training arguments.
+        base: the run's ``model.base``: the grounded backend's base model.
     """
     path = Path(data.path)
     with args.main_process_first(desc="synthesise the corpus"):
         if not path.exists():
-            from .synth import SynthConfig, generate, write_corpus
+            from .synth import SynthConfig, synthesize, write_corpus
 
             s = data.synthesize
-            settings = {"backend": "template", "seed": s.seed, "dialogues": s.dialogues, "turns": f"{s.min_turns}-{s.max_turns}"}
             if args.should_save:
-                corpus = generate(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed))
+                model = None if base == DEFAULT_BASE_ID else base
+                corpus, settings = synthesize(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns,
+                                                          seed=s.seed), s.backend, path, model)
                 write_corpus(corpus, path, settings)
+                Path(f"{path}.partial.jsonl").unlink(missing_ok=True)
     return path
 
 
@@ -218,14 +221,14 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     """
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
-    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args))
+    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base))
     pad = padding_id(tokenizer)
     if config.method in ("gated", "gated_from_experts"):
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
         if config.gate_warmup is not None and resume is None:  # a resumed run's checkpoint holds the warmed-up gate
             warmup = config.gate_warmup
             warmup_splits = encode_splits(
-                config, tokenizer, ensure_corpus(warmup.data, args), warmup.data, context_replies(warmup, config.training.seed)
+                config, tokenizer, ensure_corpus(warmup.data, args, config.model.base), warmup.data, context_replies(warmup, config.training.seed)
             )
             warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir, device=args.device)
         data = {split: EncodedDialogues(rows) for split, rows in splits.items()}

@@ -77,7 +77,7 @@ def run_bench(config_path: str, steps: int, warmup: int, output: str | None) -> 
         folder = Path(scratch)
         args = training_arguments(config, str(folder), 1)
         tokenizer = load_tokenizer(config)
-        rows = encode_splits(config, tokenizer, ensure_corpus(config.data, args))["train"]
+        rows = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base))["train"]
         batch_size = config.training.per_device_train_batch_size
         sampler = LengthBucketSampler([r["length"] for r in rows], batch_size, config.data.bucket_size, config.training.seed)
         collate = DialogueCollator(tokenizer.pad_token_id)

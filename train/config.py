@@ -40,6 +40,7 @@ from .config_sections import (
     MIXED_PRECISION,
     PREFIX_CACHE_DTYPES,
     PREFIX_CACHE_MODES,
+    SYNTH_BACKENDS,
     TINY_BASE,
     DataSection,
     GateWarmupSection,
@@ -78,6 +79,14 @@ class TrainConfig:
             raise ConfigError(f"data.batching: {self.data.batching!r} is not one of {BATCHING}")
         if self.training.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"training.mixed_precision: {self.training.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        sections = {"data": self.data, "gate_warmup.data": self.gate_warmup.data if self.gate_warmup else None}
+        for name, section in sections.items():
+            backend = section.synthesize.backend if section and section.synthesize else "template"
+            if backend not in SYNTH_BACKENDS:
+                raise ConfigError(f"{name}.synthesize.backend: {backend!r} is not one of {SYNTH_BACKENDS}")
+            if backend == "grounded" and self.model.base == TINY_BASE:
+                raise ConfigError(f"{name}.synthesize.backend: 'grounded' needs the base model's own answers, and "
+                                  f"model.base is {TINY_BASE!r} (random weights); use 'template' or a real base")
         if self.training.prefix_cache not in PREFIX_CACHE_MODES:
             raise ConfigError(f"training.prefix_cache: {self.training.prefix_cache!r} is not one of {PREFIX_CACHE_MODES}")
         if self.training.prefix_cache_dtype not in PREFIX_CACHE_DTYPES:

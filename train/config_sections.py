@@ -23,6 +23,7 @@ METHODS = ("gated", "single_lora", "per_level", "gated_from_experts")
 TINY_BASE = "tiny"
 BATCHING = ("bucket", "pad")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SYNTH_BACKENDS = ("template", "grounded")  # data.synthesize.backend (the llm backend is the `synth` command's alone)
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 PREFIX_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 GATED_METHODS = ("gated", "gated_from_experts")
@@ -189,6 +190,11 @@ class SynthesizeSection:
     min_turns: int = field(default=2, metadata={"help": "fewest exchanges per dialogue"})
     max_turns: int = field(default=6, metadata={"help": "most exchanges per dialogue"})
     seed: int = field(default=0, metadata={"help": "seed of the generator"})
+    backend: str = field(
+        default="template",
+        metadata={"help": "'template' (phrase data, seconds) or 'grounded' (the phrase data's empathy around the base "
+                  "model's own helpful content: the base answers every turn once, slow on a CPU; resumable)"},
+    )
 
 
 @dataclass

@@ -62,7 +62,7 @@ def rewarm(args: argparse.Namespace) -> dict:
     warmup = config.gate_warmup
     training_args = training_arguments(config, str(args.out), 0)
     seed = config.training.seed
-    splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, training_args), warmup.data, context_replies(warmup, seed))
+    splits = encode_splits(config, tokenizer, ensure_corpus(warmup.data, training_args, config.model.base), warmup.data, context_replies(warmup, seed))
     pad = padding_id(tokenizer)
     with replace_output_dir(args.out, args.overwrite, "gate rewarm") as staging:
         log = warm_up_gate(model.train(), splits, pad, warmup, seed, staging)

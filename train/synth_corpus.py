@@ -1,7 +1,7 @@
 """The dataset of the synthetic dialogues: the record schema, its statistics, its card,
 and the writer of a corpus (DatasetDict + JSONL + card) to disk.
 
-Both backends (:mod:`.synth_template`, :mod:`.synth_llm`) build their records with
+The backends (:mod:`.synth_template`, :mod:`.synth_llm`, :mod:`.synth_grounded`) build their records with
 :func:`user_turn`, :func:`assistant_turn` and :func:`record`; ``train/README.md``
 documents the schema.
 """
@@ -54,7 +54,7 @@ def record(plan: DialoguePlan, turns: list[dict], backend: str) -> dict:
     Args:
         plan: the dialogue's plan.
         turns: alternating user and assistant turns.
-        backend: ``template`` or ``llm``.
+        backend: ``template``, ``llm`` or ``grounded``.
     """
     return {
         "dialogue_id": plan.dialogue_id,
@@ -227,8 +227,8 @@ def write_corpus(by_split: dict[str, list[dict]], out: str | Path, settings: dic
         total = sum(len(records) for records in by_split.values())
         raise ValueError(
             f"{total} dialogues leave the split(s) {empty} empty (splits are drawn by scenario, about 80/10/10); "
-            "ask for more dialogues with --dialogues (a few dozen fill every split; the llm backend keeps the "
-            "dialogues it finished in OUT.partial.jsonl and reuses them)"
+            "ask for more dialogues with --dialogues (a few dozen fill every split; the llm and grounded backends keep the "
+            "dialogues they finished in OUT.partial.jsonl and reuse them)"
         )
     with replace_output_dir(out, overwrite, OUTPUT_KIND) as tmp:
         schema = features()

@@ -33,8 +33,9 @@ class LLMSynthConfig:
             SmolLM2-135M-Instruct (``moe_empathy.load_default_base``).
         batch_size: dialogues generated together.
         max_new_tokens: most tokens per message.
-        temperature: sampling temperature.
+        temperature: sampling temperature; 0 decodes greedily.
         top_p: nucleus sampling threshold.
+        no_repeat_ngram_size: a message may not repeat a sequence of this many tokens (0: no limit).
         context_messages: most recent messages shown to the model at each step.
         seed: torch seed, set before each batch.
     """
@@ -44,6 +45,7 @@ class LLMSynthConfig:
     max_new_tokens: int = 96
     temperature: float = 0.8
     top_p: float = 0.95
+    no_repeat_ngram_size: int = 0
     context_messages: int = 8
     seed: int = 0
 
@@ -112,8 +114,8 @@ def assistant_prompt(plan: DialoguePlan, turn: int, history: list[dict]) -> list
             *[{"role": t["role"], "content": t["content"]} for t in history]]
 
 
-class _ChatModel:
-    """Batched sampling from a chat model with left padding."""
+class ChatModel:
+    """Batched generation from a chat model with left padding: one reply per conversation."""
 
     def __init__(self, llm: LLMSynthConfig, model=None):
         self.llm = llm
@@ -125,11 +127,12 @@ class _ChatModel:
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                  for c in conversations]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        sampling = {"do_sample": True, "temperature": self.llm.temperature, "top_p": self.llm.top_p} \
+            if self.llm.temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
             out = self.model.generate(
-                **batch, max_new_tokens=self.llm.max_new_tokens, do_sample=True,
-                temperature=self.llm.temperature, top_p=self.llm.top_p,
-                pad_token_id=self.tokenizer.pad_token_id,
+                **batch, max_new_tokens=self.llm.max_new_tokens, **sampling,
+                no_repeat_ngram_size=self.llm.no_repeat_ngram_size, pad_token_id=self.tokenizer.pad_token_id,
             )
         new = out[:, batch["input_ids"].shape[1]:]
         replies = self.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -161,7 +164,7 @@ def read_progress(path: Path) -> list[dict]:
     return records
 
 
-def _generate_batch(chat: _ChatModel, batch: list[DialoguePlan]) -> list[dict]:
+def _generate_batch(chat: ChatModel, batch: list[DialoguePlan]) -> list[dict]:
     histories = {p.dialogue_id: [] for p in batch}
     disclosed = {p.dialogue_id: False for p in batch}
     for turn in range(max(len(p.states) for p in batch)):
@@ -199,6 +202,25 @@ def generate_llm(config: SynthConfig, llm: LLMSynthConfig, progress_file: str | 
     Returns:
         split name -> dialogue records, in plan order.
     """
+    return generate_in_batches(config, llm, progress_file, _generate_batch, model, on_dialogue)
+
+
+def generate_in_batches(config: SynthConfig, llm: LLMSynthConfig, progress_file: str | Path, write_batch,
+                        model=None, on_dialogue=None) -> dict[str, list[dict]]:
+    """Realises the plans in batches with a chat model, appending each finished dialogue to a
+    progress file at once; a rerun with the same file skips the dialogues already there.
+
+    Args:
+        config: what to generate.
+        llm: how to generate.
+        progress_file: the progress file (JSONL, one dialogue per line).
+        write_batch: ``(ChatModel, plans) -> records`` for one batch of plans.
+        model: a loaded ``(model, tokenizer)`` pair, overriding ``llm.model``.
+        on_dialogue: called with each finished record after it is saved.
+
+    Returns:
+        split name -> dialogue records, in plan order.
+    """
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -209,13 +231,13 @@ def generate_llm(config: SynthConfig, llm: LLMSynthConfig, progress_file: str | 
     done = {r["dialogue_id"]: r for r in read_progress(progress_file) if r["dialogue_id"] in wanted}
     pending = [p for p in all_plans if p.dialogue_id not in done]
     if pending:
-        chat = _ChatModel(llm, model)
+        chat = ChatModel(llm, model)
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar, open(progress_file, "a") as out:
             task = bar.add_task("dialogues", total=len(all_plans), completed=len(done))
             for start in range(0, len(pending), llm.batch_size):
                 torch.manual_seed(llm.seed + start)
-                for rec in _generate_batch(chat, pending[start:start + llm.batch_size]):
+                for rec in write_batch(chat, pending[start:start + llm.batch_size]):
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                     os.fsync(out.fileno())

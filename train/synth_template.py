@@ -202,7 +202,7 @@ def _next_help(plan, rng, help_queue: list, said: set, count: int) -> list[tuple
     return chosen
 
 
-def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str:
+def _assistant_message(plan, turn, filler, rng, help_queue, said, answer, content: str | None = None) -> str:
     """The assistant's reply at a turn (see the module's docstring).
 
     Args:
@@ -213,6 +213,8 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str
         help_queue: advice still to give (see :func:`_next_help`).
         said: advice given so far (see :func:`_next_help`).
         answer: the answer's paraphrases when the user asked a follow-up question, else None.
+        content: finished helpful text written elsewhere (plain text, no placeholders) that
+            replaces the composed advice, or None for the phrase data's advice.
     """
     phrases = load_phrases()
     strengths = plan.mechanisms[turn]
@@ -230,15 +232,57 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said, answer) -> str
     else:
         opener = rng.choice(phrases.assistant.bridges) if rng.random() < 0.3 else ""
     spec = phrases.tasks[plan.task]
-    if answer is not None:
-        items = [(rng.choice(answer), "answer")]
+    if content is not None:
+        # braces of the outside text must survive the placeholder filling below
+        advice = _lead(opener, content.replace("{", "{{").replace("}", "}}"))
+    elif answer is not None:
+        advice = _advice(rng, [(rng.choice(answer), "answer")], opener, spec.context)
     else:
-        items = _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2)))
-    parts = feeling + [_advice(rng, items, opener, spec.context)]
+        advice = _advice(rng, _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2))), opener, spec.context)
+    parts = feeling + [advice]
     if strengths["exploration"]:
         parts.append(_empathy(rng, "exploration", strengths["exploration"]))
     about = rng.choice(spec.about).format(**filler.assistant)
     return filler(" ".join(parts), emotion=rng.choice(phrases.assistant.emotion_echoes[plan.emotion]), about=about)
+
+
+class TemplateDialogue:
+    """A planned dialogue written out turn by turn from the phrase inventory: the user's
+    message, then the reply (so another writer can supply a reply's helpful content).
+
+    Args:
+        plan: the dialogue's plan.
+    """
+
+    def __init__(self, plan: DialoguePlan):
+        self.plan = plan
+        self.turns: list[dict] = []  # alternating user and assistant turns of the schema
+        self._rng = random.Random(plan.seed + ":text")
+        self._filler = _Filler(plan, self._rng)
+        self._help_queue = list(load_phrases().tasks[plan.task].situations[plan.situation].help)
+        self._said: set = set()
+        self._used_trigger, self._asked, self._answer = False, [], None
+
+    def user(self) -> str:
+        """Writes the user's message of the next turn and returns it."""
+        turn = len(self.turns) // 2
+        text, self._used_trigger, self._answer = _user_message(
+            self.plan, turn, self._filler, self._rng, self._used_trigger, self._asked)
+        self.turns.append(user_turn(text, self.plan.states[turn]))
+        return text
+
+    def reply(self, content: str | None = None) -> str:
+        """Writes the reply to the user's latest message and returns it.
+
+        Args:
+            content: helpful text to compose the planned empathy around, or None for the
+                phrase data's advice (an answer when the user asked a follow-up question).
+        """
+        turn = len(self.turns) // 2
+        text = _assistant_message(self.plan, turn, self._filler, self._rng, self._help_queue, self._said,
+                                  self._answer, content)
+        self.turns.append(assistant_turn(text, self.plan, turn))
+        return text
 
 
 def render_template(plan: DialoguePlan) -> dict:
@@ -250,17 +294,11 @@ def render_template(plan: DialoguePlan) -> dict:
     Returns:
         one record of the dataset schema (see ``train/README.md``).
     """
-    rng = random.Random(plan.seed + ":text")
-    filler = _Filler(plan, rng)
-    help_queue = list(load_phrases().tasks[plan.task].situations[plan.situation].help)
-    said, used_trigger, asked = set(), False, []
-    turns = []
-    for turn in range(len(plan.states)):
-        text, used_trigger, answer = _user_message(plan, turn, filler, rng, used_trigger, asked)
-        turns.append(user_turn(text, plan.states[turn]))
-        reply = _assistant_message(plan, turn, filler, rng, help_queue, said, answer)
-        turns.append(assistant_turn(reply, plan, turn))
-    return record(plan, turns, backend="template")
+    dialogue = TemplateDialogue(plan)
+    for _ in plan.states:
+        dialogue.user()
+        dialogue.reply()
+    return record(plan, dialogue.turns, backend="template")
 
 
 def generate(config: SynthConfig) -> dict[str, list[dict]]:

