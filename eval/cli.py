@@ -1,5 +1,6 @@
-"""Command line: ``moe-empathy eval run`` (rollouts, metrics, report) and ``moe-empathy inspect``
-(one dialogue's per-turn gate weights)."""
+"""Command line: ``moe-empathy eval run`` (rollouts, metrics, report), ``moe-empathy eval rescore``
+(a finished run's replies scored again) and ``moe-empathy inspect`` (one dialogue's per-turn gate
+weights)."""
 
 from __future__ import annotations
 
@@ -79,13 +80,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--tolerance", type=float, default=1.0, help="half-width of the band around the target score: a reply is in band when |score - target| <= this")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of synthesised dialogues")
+    add_target_arguments(parser)
+    parser.set_defaults(func=run_eval)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the acceptance thresholds that ``eval run`` and ``eval rescore`` check.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     targets = parser.add_argument_group("acceptance targets", "thresholds the report checks the gated model against (the metrics do not depend on them)")
     targets.add_argument("--target-gap-reduction", type=float, default=0.7266, help="least gap reduction of gated vs base, a fraction (default: the paper's 0.7266)")
     targets.add_argument("--target-gap-factor", type=float, default=1.05, help="most gap of gated as a multiple of external's (experts selected by task)")
     targets.add_argument("--target-minutes", type=float, default=None,
                          help=f"time budget of a run of the chosen size (default {RUN_MINUTES[STANDARD_RUN]:g} for the standard "
                          f"{STANDARD_RUN.dialogues} x {STANDARD_RUN.turns} x {STANDARD_RUN.systems} systems, {RUN_MINUTES[QUICK_RUN]:g} with --quick)")
-    parser.set_defaults(func=run_eval)
 
 
 def _resolved(path: str | Path | None) -> str | None:
@@ -142,16 +152,16 @@ def fill_run_size(args: argparse.Namespace) -> None:
             setattr(args, name, getattr(size, name))
 
 
-def acceptance_targets(args: argparse.Namespace) -> AcceptanceTargets:
+def acceptance_targets(args: argparse.Namespace, size: RunSize) -> AcceptanceTargets:
     """The acceptance thresholds of the parsed command line.
 
     Args:
-        args: the parsed command line of ``eval run``.
+        args: the parsed command line of ``eval run`` or ``eval rescore``.
+        size: the run size the time budget is about.
 
     Raises:
         ValueError: naming a threshold that is not positive.
     """
-    size = run_size(args)
     minutes = args.target_minutes if args.target_minutes is not None else RUN_MINUTES[size]
     for flag, value in (("target_gap_reduction", args.target_gap_reduction), ("target_gap_factor", args.target_gap_factor), ("target_minutes", minutes)):
         if not value > 0:
@@ -197,7 +207,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
     names = check_system_names(_names(args.systems))
     scorer_names = check_scorer_names(_names(args.scorers))
     fill_run_size(args)
-    targets = acceptance_targets(args)
+    targets = acceptance_targets(args, run_size(args))
     check_output_dir(args.out, args.overwrite)
     check_progress(args.out, args.resume)
     model_dir = check_model_dir(args.model)
@@ -231,13 +241,7 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
             throughput[f"{probe.name} ({other})"] = again_stats[probe.name].summary()
             same = sum(a.replies == b.replies for a, b in zip(rollouts[probe.name], again[probe.name]))
             notes.append(f"{probe.name}: {same} of {len(records)} dialogues got identical replies in {args.mode} and {other} modes.")
-    scored = {}
-    for scorer_name, scorer in scorers.items():
-        console.print(f"scoring {sum(len(r.replies) for v in rollouts.values() for r in v)} replies with {scorer_name}")
-        scored[scorer_name] = {name: score_rollouts(played, scorer) for name, played in rollouts.items()}
-    tables = {name: build_table(rollouts, scored[name], model.expert_names) for name in scorer_names}
-    results = {name: compute_metrics(tables[name], args.tolerance, samples=args.bootstrap) for name in scorer_names}
-    references = reference_gaps(tables[scorer_names[0]], np.arange(len(records)), args.bootstrap, 0)
+    tables, results, references = score_and_measure(console, rollouts, scorers, model.expert_names, args.tolerance, args.bootstrap)
     train, why = reader_training_split(args)
     if train is None:
         notes.append(f"Label ceilings of simple readers not computed: {why}.")
@@ -272,6 +276,110 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
     }
     out = write_outputs(args.out, metrics, rollouts, tables[scorer_names[0]], args.overwrite)
     journal.remove()
+    _print_summary(console, metrics)
+    console.print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, rollouts.jsonl and plots")
+    return metrics
+
+
+def score_and_measure(console: Console, rollouts: dict[str, list[DialogueRollout]], scorers: dict, expert_names: list[str],
+                      tolerance: float, bootstrap: int) -> tuple[dict, dict, dict]:
+    """Scores every reply with every scorer and computes the metrics and the constant-reply and
+    task-selection references (of the first scorer).
+
+    Args:
+        console: where to say what is being scored.
+        rollouts: ``{system: rollouts}``.
+        scorers: ``{name: scorer}``, the first driving the tables.
+        expert_names: the gated model's experts.
+        tolerance: half-width of the band around the target score.
+        bootstrap: resamples for the intervals.
+
+    Returns:
+        ``(tables, results, references)``, the first two by scorer name.
+    """
+    tables = {}
+    for name, scorer in scorers.items():
+        console.print(f"scoring {sum(len(r.replies) for v in rollouts.values() for r in v)} replies with {name}")
+        scored = {system: score_rollouts(played, scorer) for system, played in rollouts.items()}
+        tables[name] = build_table(rollouts, scored, expert_names)
+    results = {name: compute_metrics(table, tolerance, samples=bootstrap) for name, table in tables.items()}
+    dialogues = len(next(iter(rollouts.values())))
+    references = reference_gaps(tables[next(iter(scorers))], np.arange(dialogues), bootstrap, 0)
+    return tables, results, references
+
+
+def add_rescore_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``eval rescore``'s arguments and sets the function that runs it (``args.func``).
+
+    Args:
+        parser: the command's parser, made by :mod:`moe_empathy.cli`.
+    """
+    parser.add_argument("--run", required=True, help="folder written by `eval run`: its rollouts.jsonl and metrics.json are read")
+    parser.add_argument("--out", required=True, help="output folder (not --run: the run's own report stays as it was)")
+    parser.add_argument("--scorers", default=None, help=f"comma-separated, from: {', '.join(SCORERS)}; the first drives the tables (default: the run's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_target_arguments(parser)
+    parser.set_defaults(func=run_rescore)
+
+
+def read_run(folder: str | Path) -> tuple[dict, dict[str, list[DialogueRollout]]]:
+    """The metrics and the rollouts of a finished ``eval run``.
+
+    Args:
+        folder: the run's output folder.
+
+    Returns:
+        ``(metrics, {system: rollouts})``, systems and dialogues in the run's order.
+    """
+    folder = Path(folder)
+    missing = [name for name in ("metrics.json", "rollouts.jsonl") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: pass the output folder of a finished `moe-empathy eval run`")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    fields = DialogueRollout.__dataclass_fields__
+    rollouts: dict[str, list[DialogueRollout]] = {}
+    for line in (folder / "rollouts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rollouts.setdefault(row["system"], []).append(DialogueRollout(**{k: row[k] for k in fields}))
+    return metrics, rollouts
+
+
+def run_rescore(args: argparse.Namespace) -> dict:
+    """Runs ``moe-empathy eval rescore``: the replies of a finished run, scored again (with other
+    or changed scorers) into a new report; nothing is generated, so the rollouts' timing and
+    throughput are the run's.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    console = Console(highlight=False)
+    if Path(args.out).resolve() == Path(args.run).resolve():
+        raise ValueError(f"--out {args.out} is the run's own folder; write the rescored report to another folder")
+    run_metrics, rollouts = read_run(args.run)
+    settings = dict(run_metrics["settings"])
+    scorer_names = check_scorer_names(_names(args.scorers)) if args.scorers else settings["scorers"]
+    dims = (settings["dialogues"], settings["turns"], settings["max_new_tokens"])
+    size = QUICK_RUN if dims == (QUICK_RUN.dialogues, QUICK_RUN.turns, QUICK_RUN.max_new_tokens) else STANDARD_RUN
+    targets = acceptance_targets(args, size)
+    check_output_dir(args.out, args.overwrite)
+    scorers = {name: get_scorer(name) for name in scorer_names}
+    tables, results, references = score_and_measure(console, rollouts, scorers, settings["expert_names"],
+                                                    settings["tolerance"], settings["bootstrap_samples"])
+    if "readers" in run_metrics["references"]:  # the readers recover labels, whatever the scorer
+        references["readers"] = run_metrics["references"]["readers"]
+    settings["scorers"] = scorer_names
+    metrics = {
+        **run_metrics,
+        "settings": settings,
+        "targets": check_targets(results[scorer_names[0]], targets, run_metrics["timing"]),
+        "references": references,
+        "scorers": results,
+        "notes": run_metrics["notes"] + [f"Rescored with {', '.join(scorer_names)} from the replies of {args.run}."],
+    }
+    out = write_outputs(args.out, metrics, rollouts, tables[scorer_names[0]], args.overwrite)
     _print_summary(console, metrics)
     console.print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, rollouts.jsonl and plots")
     return metrics

@@ -43,9 +43,11 @@ COMMANDS = {
     "info": Command("versions, kernel backends and a model summary", "moe_empathy.cli.info:add_arguments"),
     "synth": Command("generate synthetic multi-turn empathy dialogues", "moe_empathy.train.synth:add_arguments"),
     "train": Command("train the experts and the gate (or a baseline) from a YAML config", "moe_empathy.train.trainer:add_arguments"),
-    "eval": Command("evaluation commands: run, scorers", subcommands={
+    "eval": Command("evaluation commands: run, rescore, scorers", subcommands={
         "run": Command("roll out systems on held-out dialogues; write report.md, metrics.json and plots",
                        "moe_empathy.eval.cli:add_run_arguments"),
+        "rescore": Command("score a finished run's replies again (other or changed scorers) into a new report",
+                           "moe_empathy.eval.cli:add_rescore_arguments"),
         "scorers": Command("Spearman correlation of the empathy scorers with hand labels",
                            "moe_empathy.eval.validate_scorers:add_arguments"),
     }),

@@ -60,9 +60,9 @@ def _parse(*extra: str) -> argparse.Namespace:
 
 
 def test_the_command_line_gives_the_defaults_and_takes_other_thresholds():
-    assert acceptance_targets(_parse()) == AcceptanceTargets(gap_reduction=0.7266, gap_factor=1.05, minutes=30.0, full_run=STANDARD_RUN)
-    assert acceptance_targets(_parse("--quick")) == AcceptanceTargets(gap_reduction=0.7266, gap_factor=1.05, minutes=5.0, full_run=QUICK_RUN)
+    assert acceptance_targets(_parse(), STANDARD_RUN) == AcceptanceTargets(gap_reduction=0.7266, gap_factor=1.05, minutes=30.0, full_run=STANDARD_RUN)
+    assert acceptance_targets(_parse("--quick"), QUICK_RUN) == AcceptanceTargets(gap_reduction=0.7266, gap_factor=1.05, minutes=5.0, full_run=QUICK_RUN)
     args = _parse("--target-gap-reduction", "0.5", "--target-gap-factor", "1.2", "--target-minutes", "45")
-    assert acceptance_targets(args) == AcceptanceTargets(gap_reduction=0.5, gap_factor=1.2, minutes=45, full_run=STANDARD_RUN)
+    assert acceptance_targets(args, STANDARD_RUN) == AcceptanceTargets(gap_reduction=0.5, gap_factor=1.2, minutes=45, full_run=STANDARD_RUN)
     with pytest.raises(ValueError, match="--target-minutes is -1.0; pass a positive number"):
-        acceptance_targets(_parse("--target-minutes", "-1"))
+        acceptance_targets(_parse("--target-minutes", "-1"), STANDARD_RUN)

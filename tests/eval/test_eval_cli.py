@@ -63,6 +63,17 @@ def test_eval_run_writes_report_metrics_plots(checkpoint, baselines, scripts, tm
     with pytest.raises(FileExistsError, match="--overwrite"):
         _run("eval", "run", "--model", checkpoint, "--data", data, "--out", out, "--systems", "base")
 
+    # the same replies scored again with the run's scorer give the run's metrics exactly
+    again = _run("eval", "rescore", "--run", out, "--out", tmp_path / "again")
+    assert {k: again[k] for k in ("scorers", "references", "targets", "timing", "throughput")} == \
+        {k: json.loads(json.dumps(metrics))[k] for k in ("scorers", "references", "targets", "timing", "throughput")}
+    assert (tmp_path / "again" / "rollouts.jsonl").read_text() == (out / "rollouts.jsonl").read_text()
+    assert again["notes"][-1].startswith("Rescored with lexical from the replies of")
+    with pytest.raises(ValueError, match="the run's own folder"):
+        _run("eval", "rescore", "--run", out, "--out", out)
+    with pytest.raises(FileNotFoundError, match="lacks metrics.json, rollouts.jsonl"):
+        _run("eval", "rescore", "--run", tmp_path, "--out", tmp_path / "third")
+
 
 def test_inspect_prints_the_gate_and_writes_a_png(checkpoint, scripts, tmp_path):
     dialogue = tmp_path / "one.json"

@@ -17,6 +17,7 @@ EVERY_COMMAND = {
     ("synth",): ["--out", "x"],
     ("train",): ["--config", "c.yaml"],
     ("eval", "run"): ["--model", "m", "--out", "o"],
+    ("eval", "rescore"): ["--run", "r", "--out", "o"],
     ("eval", "scorers"): [],
     ("inspect",): ["--model", "m", "--dialogue", "d.json"],
     ("bench", "kernels"): ["--quick"],
