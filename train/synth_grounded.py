@@ -80,7 +80,12 @@ def clean_content(text: str, max_sentences: int = 3) -> str | None:
 
 
 def _write_batch(chat: ChatModel, batch: list[DialoguePlan]) -> list[dict]:
-    """Realises a batch of plans turn by turn, the base's answers of a turn in one call."""
+    """Realises a batch of plans turn by turn, the base's answers of a turn in one call.
+
+    Args:
+        chat: the model that writes the helpful content.
+        batch: the plans, realised together.
+    """
     dialogues = {p.dialogue_id: TemplateDialogue(p) for p in batch}
     grounded = dict.fromkeys(dialogues, 0)
     window = chat.llm.context_messages
