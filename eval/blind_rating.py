@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_empathy.train.taxonomy import MECHANISMS
 from moe_empathy.utils import atomic_write_text
 
 from .scoring import mechanisms_to_score
@@ -162,7 +163,7 @@ def rated_replies(folder: Path) -> dict[tuple[str, str], tuple[dict, dict]]:
 
 def reference(rating: dict) -> float:
     """A rating's reference on the 1-5 scale, from its mechanisms (as the rating set's, ``1 + 4 s / 6``)."""
-    return mechanisms_to_score({m: rating[m] for m in ("emotional_reaction", "interpretation", "exploration")})
+    return mechanisms_to_score({m: rating[m] for m in MECHANISMS})
 
 
 def rater_agreement(folders: dict[str, dict]) -> list[dict]:

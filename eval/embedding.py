@@ -331,12 +331,12 @@ class EmbeddingScorer(Scorer):
         probs = self.class_probabilities(self.embed(sentences))
         owners_t = self._torch.tensor(owners)
         distress = self.distress(contexts)
+        floor = self.config.undue_warmth_floor
         results = []
         for i in range(len(responses)):
             strengths, mechanisms = self.strengths(probs[owners_t == i])
-            for m in ("emotional_reaction", "interpretation"):  # no credit for warmth the user gave no cause for
-                floor = self.config.undue_warmth_floor
-                weight = floor + (1 - floor) * distress[i]
+            weight = floor + (1 - floor) * distress[i]  # no credit for warmth the user gave no cause for
+            for m in ("emotional_reaction", "interpretation"):
                 strengths[m] *= weight
                 mechanisms[m] = int(round(mechanisms[m] * weight + 1e-9))
             results.append(EmpathyScore(score=mechanisms_to_score(strengths), mechanisms=mechanisms))

@@ -146,15 +146,13 @@ def ensure_corpus(data: DataSection, args: TrainingArguments, base: str) -> Path
     path = Path(data.path)
     with args.main_process_first(desc="synthesise the corpus"):
         if not path.exists():
-            from .synth import SynthConfig, synthesize, write_corpus
+            from .synth import SynthConfig, synthesize
 
             s = data.synthesize
             if args.should_save:
                 model = None if base == DEFAULT_BASE_ID else base
-                corpus, settings = synthesize(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns,
-                                                          seed=s.seed), s.backend, path, model)
-                write_corpus(corpus, path, settings)
-                Path(f"{path}.partial.jsonl").unlink(missing_ok=True)
+                synthesize(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed),
+                           s.backend, path, model)
     return path
 
 

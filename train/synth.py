@@ -54,20 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def synthesize(config: SynthConfig, backend: str, out: str | Path, model: str | None = None,
-               batch_size: int | None = None, max_new_tokens: int | None = None) -> tuple[dict[str, list[dict]], dict]:
-    """Realises the plans of ``config`` with a backend (the model backends resume from
-    ``OUT.partial.jsonl``).
+               batch_size: int | None = None, max_new_tokens: int | None = None, overwrite: bool = False) -> dict:
+    """Realises the plans of ``config`` with a backend and writes the corpus to ``out``. The model
+    backends keep finished dialogues in ``OUT.partial.jsonl`` (a rerun resumes from it), removed
+    once the corpus is written.
 
     Args:
         config: what to generate.
         backend: one of :data:`BACKENDS`.
-        out: the corpus folder to be written (names the progress file).
+        out: the corpus folder.
         model: llm and grounded backends: folder of a chat model, None for the embedded SmolLM2.
         batch_size: llm and grounded backends: dialogues generated together (None: the backend's default).
         max_new_tokens: llm and grounded backends: tokens per message (None: the backend's default).
+        overwrite: replace an earlier corpus in ``out`` (see :func:`write_corpus`).
 
     Returns:
-        split name -> dialogue records, and the settings for the corpus card.
+        the corpus statistics (see :func:`write_corpus`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown synth backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -88,7 +90,9 @@ def synthesize(config: SynthConfig, backend: str, out: str | Path, model: str | 
         settings["model"] = model or "embedded SmolLM2-135M-Instruct"
     settings.update(seed=config.seed, dialogues=config.dialogues,
                     turns=f"{config.min_turns}-{config.max_turns}", tasks=", ".join(config.tasks))
-    return by_split, settings
+    stats = write_corpus(by_split, out, settings, overwrite=overwrite)
+    Path(f"{out}.partial.jsonl").unlink(missing_ok=True)
+    return stats
 
 
 def run_synth(args: argparse.Namespace) -> dict:
@@ -103,9 +107,7 @@ def run_synth(args: argparse.Namespace) -> dict:
     )
     check_output_dir(args.out, args.overwrite, OUTPUT_KIND)
     start = time.perf_counter()
-    by_split, settings = synthesize(config, args.backend, args.out, args.model, args.batch_size, args.max_new_tokens)
-    stats = write_corpus(by_split, args.out, settings, overwrite=args.overwrite)
-    Path(f"{args.out}.partial.jsonl").unlink(missing_ok=True)
+    stats = synthesize(config, args.backend, args.out, args.model, args.batch_size, args.max_new_tokens, args.overwrite)
     print(f"wrote {sum(stats['dialogues'].values())} dialogues to {args.out} "
           f"in {time.perf_counter() - start:.1f} s; distinct sentence ratio "
           f"{stats['distinct_sentence_ratio']:.3f}; 4-gram overlap with train {stats['ngram4_overlap']}")
