@@ -29,10 +29,11 @@ from moe_empathy.turns import find_turn_markers, padding_id
 
 from .collate import balance_label_turns, encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
-from .config_sections import TINY_BASE, DataSection, model_config_kwargs
+from .config_sections import GATED_METHODS, TINY_BASE, DataSection, model_config_kwargs
 from .gate_warmup import context_replies, warm_up_gate
 from .hf_trainer import EncodedDialogues
 from .run import copy_model_files, run_training, write_summary
+from .synth_corpus import off_level_turns
 from .synth_plan import SPLITS
 
 
@@ -151,7 +152,8 @@ def ensure_corpus(data: DataSection, args: TrainingArguments, base: str) -> Path
             s = data.synthesize
             if args.should_save:
                 model = None if base == DEFAULT_BASE_ID else base
-                synthesize(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed),
+                synthesize(SynthConfig(dialogues=s.dialogues, min_turns=s.min_turns, max_turns=s.max_turns, seed=s.seed,
+                                       off_level_rate=s.off_level_rate),
                            s.backend, path, model)
     return path
 
@@ -162,6 +164,7 @@ def encode_splits(
     path: Path,
     data: DataSection | None = None,
     transform: Callable[[list[dict], str], list[dict]] | None = None,
+    gate_learns: bool = False,
 ) -> dict[str, list[dict]]:
     """Encodes the corpus's three splits; validation and test are sorted by length (less padding).
 
@@ -171,6 +174,8 @@ def encode_splits(
         path: the corpus folder.
         data: the section with the limits (``max_length``, dialogue counts); default ``config.data``.
         transform: applied to each split's records (and the split's name) before encoding, or None.
+        gate_learns: a gate is trained on the labels: refuse a corpus with off-level replies
+            (their labels follow the reply, not the dialogue).
     """
     data = data or config.data
     from datasets import load_from_disk
@@ -186,6 +191,14 @@ def encode_splits(
         records = corpus[split]
         if limits[split] is not None:
             records = records.select(range(min(limits[split], len(records))))
+        if gate_learns and split == "train":
+            off_level = sum(off_level_turns(r) for r in records)
+            if off_level:
+                raise ValueError(
+                    f"{path} has {off_level} off-level replies (labelled with a level the user's state does not call for), "
+                    "and a gate would learn from those labels; train the gate on a corpus of off_level_rate 0 "
+                    "(gate_warmup) and set training.freeze_gate: true"
+                )
         if transform is not None:
             records = transform(list(records), split)
         encoded = [(encode_dialogue(r, tokenizer, markers, config.model.expert_names, data.max_length), r) for r in records]
@@ -219,14 +232,16 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     """
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
-    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base))
+    gate_learns = config.method in GATED_METHODS and not config.training.freeze_gate
+    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base), gate_learns=gate_learns)
     pad = padding_id(tokenizer)
     if config.method in ("gated", "gated_from_experts"):
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)
         if config.gate_warmup is not None and resume is None:  # a resumed run's checkpoint holds the warmed-up gate
             warmup = config.gate_warmup
             warmup_splits = encode_splits(
-                config, tokenizer, ensure_corpus(warmup.data, args, config.model.base), warmup.data, context_replies(warmup, config.training.seed)
+                config, tokenizer, ensure_corpus(warmup.data, args, config.model.base), warmup.data,
+                context_replies(warmup, config.training.seed), gate_learns=True,
             )
             warm_up_gate(model, warmup_splits, pad, warmup, config.training.seed, output_dir, device=args.device)
         data = {split: EncodedDialogues(rows) for split, rows in splits.items()}

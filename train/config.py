@@ -87,6 +87,14 @@ class TrainConfig:
             if backend == "grounded" and self.model.base == TINY_BASE:
                 raise ConfigError(f"{name}.synthesize.backend: 'grounded' needs the base model's own answers, and "
                                   f"model.base is {TINY_BASE!r} (random weights); use 'template' or a real base")
+            off_level = section.synthesize.off_level_rate if section and section.synthesize else 0.0
+            gate_learns = name == "gate_warmup.data" or (self.method in GATED_METHODS and not self.training.freeze_gate)
+            if off_level and gate_learns:
+                raise ConfigError(
+                    f"{name}.synthesize.off_level_rate: {off_level} labels replies with levels the dialogue does not call "
+                    "for, and a gate would learn from those labels; use it only in data.synthesize, with "
+                    "training.freeze_gate: true and the gate trained in gate_warmup (on a corpus of rate 0)"
+                )
         if self.training.prefix_cache not in PREFIX_CACHE_MODES:
             raise ConfigError(f"training.prefix_cache: {self.training.prefix_cache!r} is not one of {PREFIX_CACHE_MODES}")
         if self.training.prefix_cache_dtype not in PREFIX_CACHE_DTYPES:

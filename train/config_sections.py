@@ -190,6 +190,12 @@ class SynthesizeSection:
     min_turns: int = field(default=2, metadata={"help": "fewest exchanges per dialogue"})
     max_turns: int = field(default=6, metadata={"help": "most exchanges per dialogue"})
     seed: int = field(default=0, metadata={"help": "seed of the generator"})
+    off_level_rate: float = field(
+        default=0.0,
+        metadata={"help": "chance that a reply is written and labelled at another level than the user's state calls "
+                  "for, so that each expert learns its level after every kind of message; an expert corpus only "
+                  "(the gate must be frozen, and the gate warm-up's corpus keeps 0)"},
+    )
     backend: str = field(
         default="template",
         metadata={"help": "'template' (phrase data, seconds) or 'grounded' (the phrase data's empathy around the base "

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-turns", type=int, default=2, help="fewest exchanges per dialogue")
     parser.add_argument("--max-turns", type=int, default=12, help=f"most exchanges per dialogue (<= {MAX_TURNS})")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--off-level-rate", type=float, default=0.0,
+                        help="chance that a reply is written (and labelled) at another level than the user's state "
+                             "calls for: a corpus for experts that must hold any forced level, never for a gate")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     parser.add_argument("--backend", choices=BACKENDS, default="template",
                         help="template: phrase data; llm: a chat model writes both sides; grounded: phrase data "
@@ -89,7 +92,8 @@ def synthesize(config: SynthConfig, backend: str, out: str | Path, model: str | 
             by_split, settings = generate_grounded(config, llm, progress)
         settings["model"] = model or "embedded SmolLM2-135M-Instruct"
     settings.update(seed=config.seed, dialogues=config.dialogues,
-                    turns=f"{config.min_turns}-{config.max_turns}", tasks=", ".join(config.tasks))
+                    turns=f"{config.min_turns}-{config.max_turns}", tasks=", ".join(config.tasks),
+                    off_level_rate=config.off_level_rate)
     stats = write_corpus(by_split, out, settings, overwrite=overwrite)
     Path(f"{out}.partial.jsonl").unlink(missing_ok=True)
     return stats
@@ -104,6 +108,7 @@ def run_synth(args: argparse.Namespace) -> dict:
     config = SynthConfig(
         dialogues=args.dialogues, min_turns=args.min_turns, max_turns=args.max_turns,
         seed=args.seed, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        off_level_rate=args.off_level_rate,
     )
     check_output_dir(args.out, args.overwrite, OUTPUT_KIND)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 from moe_empathy.utils import replace_output_dir
 
 from .synth_plan import MAX_TURNS, DialoguePlan, shift_of
-from .taxonomy import LEVELS, MECHANISMS, TASKS
+from .taxonomy import LEVELS, MECHANISMS, TASKS, target_level
 
 OUTPUT_KIND = "synth"  # recorded in the output folder's marker (see moe_empathy.utils.replace_output_dir)
 
@@ -72,6 +72,22 @@ def record(plan: DialoguePlan, turns: list[dict], backend: str) -> dict:
 
 
 
+def off_level_turns(record: dict) -> int:
+    """How many replies of a dialogue record are labelled with another level than the user's
+    state calls for (see :attr:`.synth_plan.SynthConfig.off_level_rate`).
+
+    Args:
+        record: a dialogue record of the schema.
+    """
+    count, state = 0, None
+    for t in record["turns"]:
+        if t["role"] == "user":
+            state = t["user_state"]
+        elif state is not None:
+            count += t["level"] != target_level(record["task_level"], state)
+    return count
+
+
 # ---------------------------------------------------------------- dataset, statistics, card
 
 
@@ -108,15 +124,18 @@ def corpus_stats(by_split: dict[str, list[dict]], sample: int = 4000) -> dict:
 
     Returns:
         dict with ``dialogues`` (per split), ``tasks``, ``levels`` (assistant turns),
-        ``shifts``, ``turn_lengths``, ``distinct_sentence_ratio`` and
+        ``off_level_turns`` (replies written at another level than the user's state calls
+        for, see :attr:`.synth_plan.SynthConfig.off_level_rate`), ``shifts``, ``turn_lengths``, ``distinct_sentence_ratio`` and
         ``ngram4_overlap`` (share of a split's distinct assistant word 4-grams that
         also occur in train).
     """
     tasks, levels, shifts, lengths = Counter(), Counter(), Counter(), Counter()
+    off_level = 0
     for dialogues in by_split.values():
         for d in dialogues:
             tasks[d["task"]] += 1
             lengths[_length_bucket(d["num_turns"])] += 1
+            off_level += off_level_turns(d)
             for t in d["turns"]:
                 if t["role"] == "assistant":
                     levels[t["level"]] += 1
@@ -142,6 +161,7 @@ def corpus_stats(by_split: dict[str, list[dict]], sample: int = 4000) -> dict:
         "dialogues": {name: len(ds) for name, ds in by_split.items()},
         "tasks": dict(sorted(tasks.items())),
         "levels": {lv: levels[lv] for lv in LEVELS},
+        "off_level_turns": off_level,
         "shifts": {k: shifts[k] for k in ("up", "down", "none")},
         "turn_lengths": dict(sorted(lengths.items(), key=lambda kv: int(kv[0].split("-")[0]))),
         "distinct_sentence_ratio": len(distinct) / sentences if sentences else 0.0,
@@ -176,7 +196,8 @@ def dataset_card(stats: dict, settings: dict) -> str:
         "assistant reply carries a target empathy level (low, medium, high) and the EPITOME",
         "mechanisms it uses (emotional_reaction, interpretation, exploration; 0-2 each).",
         "The target level follows the task and the user's state at each turn, so it can",
-        "shift within a dialogue. Splits are disjoint by scenario (task, situation, detail).",
+        "shift within a dialogue; an off-level reply is written, and labelled, at another",
+        "level (for training experts, never a gate). Splits are disjoint by scenario (task, situation, detail).",
         "A turn is one exchange: a user message and the assistant's reply.", "",
         "Load with `datasets.load_from_disk(DIR)`; the same records are in `jsonl/`.", "",
         "## Settings", "",
@@ -185,6 +206,7 @@ def dataset_card(stats: dict, settings: dict) -> str:
         table("split", stats["dialogues"]),
         table("task (dialogues)", stats["tasks"]),
         table("level (assistant turns)", stats["levels"]),
+        f"Off-level replies: {stats['off_level_turns']} of {sum(stats['levels'].values())}.", "",
         table("level shift at the turn", stats["shifts"]),
         table("turns per dialogue", stats["turn_lengths"]),
         "## Variation", "",

@@ -32,6 +32,11 @@ class SynthConfig:
         tasks: task names to draw from (default: all eight).
         shift_rate: chance, at each exchange after the first, that the user's
             state changes so that the right level changes.
+        off_level_rate: chance that a reply is written at one of the two levels other than
+            the one the user's state calls for (drawn evenly). Such a turn is labelled with the
+            level it is written at, so that each expert meets its level after every kind of
+            message (a forced expert is then asked for nothing it never saw); a gate cannot
+            infer those labels, so only an expert corpus uses them (0: every reply fits).
         split_fractions: shares of each task's scenarios in train/validation/test.
     """
 
@@ -41,6 +46,7 @@ class SynthConfig:
     seed: int = 0
     tasks: tuple[str, ...] = tuple(TASKS)
     shift_rate: float = 0.2
+    off_level_rate: float = 0.0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def __post_init__(self):
@@ -63,6 +69,8 @@ class SynthConfig:
             )
         if not 0.0 <= self.shift_rate <= 1.0:
             raise ValueError(f"shift_rate must lie in [0, 1], got {self.shift_rate}")
+        if not 0.0 <= self.off_level_rate <= 1.0:
+            raise ValueError(f"off_level_rate must lie in [0, 1], got {self.off_level_rate}")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions must be three shares summing to 1, got {self.split_fractions}")
 
@@ -121,7 +129,8 @@ class DialoguePlan:
         split: train, validation or test.
         persona: name, age, occupation, style of the simulated user.
         states: the user's state at each turn (see ``taxonomy.STATE_OFFSET``).
-        levels: target empathy level of each assistant reply.
+        levels: empathy level each assistant reply is written at: the one the user's state
+            calls for, or another one on an off-level turn (:attr:`SynthConfig.off_level_rate`).
         mechanisms: target mechanism strengths of each assistant reply.
         emotion: the feeling the user names when distressed or upset.
         trigger: index of the task trigger the user discloses at the first rise.
@@ -158,6 +167,15 @@ def _plan_states(rng, task_level: str, turns: int, shift_rate: float) -> list[st
     return states
 
 
+def _plan_levels(rng, task_level: str, states: list[str], off_level_rate: float) -> list[str]:
+    levels = [target_level(task_level, s) for s in states]
+    if off_level_rate:  # drawn only then, so that the corpora of rate 0 stay as they were
+        for turn, level in enumerate(levels):
+            if rng.random() < off_level_rate:
+                levels[turn] = rng.choice([other for other in LEVELS if other != level])
+    return levels
+
+
 def plan_dialogue(config: SynthConfig, index: int, splits: dict[str, str]) -> DialoguePlan:
     """Plan dialogue ``index`` of a run.
 
@@ -174,7 +192,7 @@ def plan_dialogue(config: SynthConfig, index: int, splits: dict[str, str]) -> Di
     turns = rng.randint(config.min_turns, config.max_turns)
     task_level = TASKS[task].level
     states = _plan_states(rng, task_level, turns, config.shift_rate)
-    levels = [target_level(task_level, s) for s in states]
+    levels = _plan_levels(rng, task_level, states, config.off_level_rate)
     mechanisms = [dict(zip(MECHANISMS, rng.choice(phrases.assistant.profiles[lv]))) for lv in levels]
     persona = {
         "name": rng.choice(phrases.user.names),

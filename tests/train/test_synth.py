@@ -7,7 +7,7 @@ from datasets import load_from_disk
 
 from moe_empathy.cli import build_parser
 from moe_empathy.train.phrases import load_phrases
-from moe_empathy.train.synth_corpus import corpus_stats, write_corpus
+from moe_empathy.train.synth_corpus import corpus_stats, dataset_card, off_level_turns, write_corpus
 from moe_empathy.train.synth_plan import SynthConfig, plans, scenario_splits
 from moe_empathy.train.synth_template import generate
 from moe_empathy.train.taxonomy import LEVELS, MECHANISMS, TASKS, level_of, target_level
@@ -214,6 +214,37 @@ def test_reply_wording_matches_its_mechanism_labels(varied):
             assert (mechanisms["exploration"] > 0) == reply["content"].endswith("?")
             assert reply["content"].count("?") <= 1
             assert "  " not in reply["content"] and "{" not in reply["content"]
+
+
+def test_off_level_replies_are_written_and_labelled_at_their_own_level():
+    """An expert corpus: about off_level_rate of the replies take one of the other two levels,
+    worded and labelled at that level; the users' states are unchanged."""
+    config = dict(dialogues=300, min_turns=2, max_turns=8, seed=3)
+    fitting, shifted = generate(SynthConfig(**config)), generate(SynthConfig(**config, off_level_rate=0.35))
+    replies = moved = 0
+    seen = set()
+    for plain, off in zip(_all(fitting), _all(shifted)):
+        assert [t["user_state"] for t in plain["turns"][::2]] == [t["user_state"] for t in off["turns"][::2]]
+        assert off_level_turns(plain) == 0
+        state = None
+        for turn in off["turns"]:
+            if turn["role"] == "user":
+                state = turn["user_state"]
+                continue
+            replies += 1
+            assert level_of(turn["mechanisms"]) == turn["level"]
+            if turn["level"] != target_level(off["task_level"], state):
+                moved += 1
+                seen.add((target_level(off["task_level"], state), turn["level"]))
+        assert (off_level_turns(off) > 0) == any(
+            t["level"] != p["level"] for t, p in zip(off["turns"][1::2], plain["turns"][1::2]))
+    assert 0.30 < moved / replies < 0.40
+    assert len(seen) == 6  # every level is written after messages that call for each other level
+    stats = corpus_stats(shifted)
+    assert stats["off_level_turns"] == moved and corpus_stats(fitting)["off_level_turns"] == 0
+    assert f"Off-level replies: {moved} of {replies}." in dataset_card(stats, {"off_level_rate": 0.35})
+    with pytest.raises(ValueError, match="off_level_rate must lie in"):
+        SynthConfig(off_level_rate=1.5)
 
 
 def test_a_corpus_with_an_empty_split_is_refused_before_writing(tmp_path):

@@ -170,3 +170,17 @@ def test_encode_splits_balances_the_training_split_only(corpus_dir, tok):
     balanced = encode_splits(tiny_config(corpus_dir, data={"balance_levels": True}), tok, corpus_dir)
     assert balanced["validation"] == plain["validation"] and balanced["test"] == plain["test"]
     assert 0 < labelled_tokens(balanced["train"]) < labelled_tokens(plain["train"])
+
+
+def test_encode_splits_refuses_off_level_labels_where_a_gate_learns_from_them(tmp_path, tok):
+    from moe_empathy.train.baselines import encode_splits
+    from moe_empathy.train.synth import write_corpus
+
+    from train_support import tiny_config
+
+    out = tmp_path / "off-level"
+    write_corpus(generate(SynthConfig(dialogues=40, min_turns=2, max_turns=4, seed=2, off_level_rate=0.5)), out, {})
+    config = tiny_config(out)
+    assert encode_splits(config, tok, out)["train"]  # experts may learn from them
+    with pytest.raises(ValueError, match=r"off-level replies .* training.freeze_gate: true"):
+        encode_splits(config, tok, out, gate_learns=True)

