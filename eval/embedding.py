@@ -282,19 +282,16 @@ class EmbeddingScorer(Scorer):
             sims.append((embeddings @ protos.T).topk(k, dim=1).values.mean(1))  # [texts]
         return torch.softmax(torch.stack(sims, dim=1) / self.config.temperature, dim=1)
 
-    def distress(self, contexts: list[str]) -> list[float]:
+    def distress(self, contexts: list[list[dict]]) -> list[float]:
         """For each context, the probability that the user shows distress in one of their latest
-        messages (1.0 for an empty context: nothing to go on, nothing discounted).
+        messages (1.0 for a context without a user message: nothing to go on, nothing discounted).
 
         Args:
-            contexts: the conversations before the replies, as text: ``role: content`` lines, or
-                plain text, read as one user message.
+            contexts: the conversations before the replies, as ``{"role", "content"}`` messages.
         """
         messages, owners = [], []
         for i, context in enumerate(contexts):
-            users = [line[len("user: "):] for line in context.splitlines() if line.startswith("user: ")]
-            if not users and not context.startswith("assistant: ") and context.strip():
-                users = [context]
+            users = [m["content"] for m in context if m["role"] == "user" and m["content"].strip()]
             for message in users[-self.config.user_messages:]:
                 messages.append(message)
                 owners.append(i)

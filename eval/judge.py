@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from moe_empathy.train.chat_model import load_chat_model
 from moe_empathy.train.taxonomy import MECHANISMS
 
-from .scoring import EmpathyScore, Scorer
+from .scoring import EmpathyScore, Scorer, context_text
 
 SYSTEM = (
     "You rate the empathy of an assistant's reply in a conversation. Empathy means "
@@ -59,8 +59,8 @@ QUESTIONS = (
 )
 
 
-def _messages(question: Question, response: str, context: str) -> list[dict]:
-    prompt = (f"Conversation so far:\n{context or '(none)'}\n\nAssistant reply to rate:\n"
+def _messages(question: Question, response: str, context: list[dict]) -> list[dict]:
+    prompt = (f"Conversation so far:\n{context_text(context) or '(none)'}\n\nAssistant reply to rate:\n"
               f"{response}\n\n{question.text}\nAnswer with one digit ({', '.join(question.digits)}).")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 

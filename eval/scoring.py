@@ -33,26 +33,36 @@ def mechanisms_to_score(strengths: dict[str, float]) -> float:
     return total_to_score(sum(min(max(float(strengths[m]), 0.0), MAX_STRENGTH) for m in MECHANISMS))
 
 
-def context_text(context) -> str:
-    """The conversation before a response, as plain text.
+def context_messages(context) -> list[dict]:
+    """The conversation before a response, as ``{"role", "content"}`` messages.
 
     Args:
-        context: a string, or a list of ``{"role", "content"}`` messages.
+        context: a list of ``{"role", "content"}`` messages, or a string (read as one user
+            message; "" for no context).
     """
     if isinstance(context, str):
-        return context
+        return [{"role": "user", "content": context}] if context.strip() else []
     if isinstance(context, (list, tuple)) and all(
         isinstance(m, dict) and isinstance(m.get("content"), str) for m in context
     ):
-        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in context)
+        return [{"role": m.get("role", "user"), "content": m["content"]} for m in context]
     raise TypeError(
         "a context must be a string or a list of {'role', 'content'} messages, "
         f"got {type(context).__name__}"
     )
 
 
-def check_inputs(responses, contexts) -> tuple[list[str], list[str]]:
-    """Validate a scoring call and normalise contexts to text.
+def context_text(messages: list[dict]) -> str:
+    """A conversation as ``role: content`` lines (for a prompt).
+
+    Args:
+        messages: from :func:`context_messages`.
+    """
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def check_inputs(responses, contexts) -> tuple[list[str], list[list[dict]]]:
+    """Validate a scoring call and normalise each context to messages (:func:`context_messages`).
 
     Args:
         responses: list of non-empty strings.
@@ -69,7 +79,7 @@ def check_inputs(responses, contexts) -> tuple[list[str], list[str]]:
         if not r.strip():
             raise ValueError(f"responses[{i}] is empty; drop it or score a non-empty reply")
     if contexts is None:
-        return list(responses), [""] * len(responses)
+        return list(responses), [[] for _ in responses]
     if isinstance(contexts, str) or not isinstance(contexts, (list, tuple)):
         raise TypeError("contexts must be a list with one context per response (or None)")
     if len(contexts) != len(responses):
@@ -77,7 +87,7 @@ def check_inputs(responses, contexts) -> tuple[list[str], list[str]]:
             f"got {len(responses)} responses but {len(contexts)} contexts; "
             "pass one context per response"
         )
-    return list(responses), [context_text(c) for c in contexts]
+    return list(responses), [context_messages(c) for c in contexts]
 
 
 class Scorer:
@@ -96,10 +106,11 @@ class Scorer:
 
         Args:
             responses: the assistant replies.
-            contexts: the conversation before each reply (string or messages), or None.
+            contexts: the conversation before each reply (messages, or a string read as one
+                user message), or None.
         """
         responses, contexts = check_inputs(responses, contexts)
         return self._score(responses, contexts) if responses else []
 
-    def _score(self, responses: list[str], contexts: list[str]) -> list[EmpathyScore]:
+    def _score(self, responses: list[str], contexts: list[list[dict]]) -> list[EmpathyScore]:
         raise NotImplementedError

@@ -246,8 +246,17 @@ def test_embedding_gives_no_credit_for_warmth_the_user_gave_no_cause_for(embeddi
     assert on_neutral.score < on_distressed.score
     assert on_neutral.mechanisms["emotional_reaction"] <= on_distressed.mechanisms["emotional_reaction"]
     assert alone.score == pytest.approx(on_distressed.score, abs=0.05)  # no context: nothing discounted
-    assert embedding.distress([""]) == [1.0]
-    assert embedding.distress([neutral[0]["content"]]) == pytest.approx(embedding.distress(["user: " + neutral[0]["content"]]))
+    assert embedding.distress([[]]) == [1.0]
+    alone_string = embedding.score([reply], [neutral[0]["content"]])[0]  # a string is one user message
+    assert alone_string.score == pytest.approx(on_neutral.score, abs=1e-5) and alone_string.mechanisms == on_neutral.mechanisms
+
+
+def test_embedding_reads_a_multi_line_user_message_whole(embedding):
+    message = "Quick question about my printer.\nMy mother died last night and I can't stop shaking."
+    whole, first_line = embedding.distress([[{"role": "user", "content": message}],
+                                            [{"role": "user", "content": message.splitlines()[0]}]])
+    assert whole > first_line
+    assert embedding.distress([[{"role": "assistant", "content": message}]]) == [1.0]  # only the user's words count
 
 
 def test_embedding_reads_the_speakers_own_feelings_as_no_empathy(embedding):
