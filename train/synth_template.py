@@ -4,7 +4,8 @@ text composed from the phrase data (:mod:`.phrases`).
 User messages come from the situation's requests, the task's follow-up questions and
 triggers and the user's style; a reply is composed of empathy sentences (one per
 mechanism the plan asks for, at its strength) around its helpful content, with leads
-and connectives, and ends with a question when it explores. The helpful content answers
+and connectives; a question about the user's feelings (strong exploration) comes before the
+help, a weak one (a check on the help) ends the reply. The helpful content answers
 the user's message: a follow-up question gets that question's answer, any other message
 the next one or two items of the situation's (then the task's) advice.
 """
@@ -17,7 +18,7 @@ import re
 from .phrases import load_phrases
 from .synth_corpus import assistant_turn, record, user_turn
 from .synth_plan import SPLITS, DialoguePlan, SynthConfig, plans
-from .taxonomy import STATE_OFFSET
+from .taxonomy import MAX_STRENGTH, STATE_OFFSET
 
 _SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
 _KEEP_CAPITAL = ("I", "I'm", "I'd", "I'll", "I've")
@@ -241,7 +242,10 @@ def _assistant_message(plan, turn, filler, rng, help_queue, said, answer, conten
         advice = _advice(rng, _next_help(plan, rng, help_queue, said, rng.choice((1, 1, 2))), opener, spec.context)
     parts = feeling + [advice]
     if strengths["exploration"]:
-        parts.append(_empathy(rng, "exploration", strengths["exploration"]))
+        # a question about the user's feelings comes before the help, where a reply cut at a
+        # length cap keeps it; a check on the help ("does that work for you?") ends the reply
+        question = _empathy(rng, "exploration", strengths["exploration"])
+        parts.insert(len(feeling) if strengths["exploration"] == MAX_STRENGTH else len(parts), question)
     about = rng.choice(spec.about).format(**filler.assistant)
     return filler(" ".join(parts), emotion=rng.choice(phrases.assistant.emotion_echoes[plan.emotion]), about=about)
 
