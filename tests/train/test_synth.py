@@ -169,9 +169,11 @@ def test_cli_subcommand(tmp_path, capsys):
     parser = build_parser()
     out = tmp_path / "cli"
     args = parser.parse_args(["synth", "--out", str(out), "--dialogues", "40", "--max-turns", "4",
-                              "--tasks", "grief_support,technical_support"])
+                              "--tasks", "grief_support,technical_support", "--off-level-rate", "0.5"])
     stats = args.func(args)
     assert sum(stats["dialogues"].values()) == 40
+    assert 0 < stats["off_level_turns"] < sum(stats["levels"].values())
+    assert "- off_level_rate: 0.5" in (out / "README.md").read_text()
     assert set(stats["tasks"]) <= {"grief_support", "technical_support"}
     assert "wrote 40 dialogues" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
