@@ -29,7 +29,7 @@ from moe_empathy.turns import find_turn_markers, padding_id
 
 from .collate import balance_label_turns, encode_dialogue, restrict_to_expert
 from .config import TrainConfig, training_arguments
-from .config_sections import GATED_METHODS, TINY_BASE, DataSection, model_config_kwargs
+from .config_sections import TINY_BASE, DataSection, model_config_kwargs
 from .gate_warmup import context_replies, warm_up_gate
 from .hf_trainer import EncodedDialogues
 from .run import copy_model_files, run_training, write_summary
@@ -232,8 +232,7 @@ def run_method(config: TrainConfig, output_dir: Path, max_steps: int, resume: st
     """
     args = training_arguments(config, str(output_dir), max_steps)
     tokenizer = load_tokenizer(config)
-    gate_learns = config.method in GATED_METHODS and not config.training.freeze_gate
-    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base), gate_learns=gate_learns)
+    splits = encode_splits(config, tokenizer, ensure_corpus(config.data, args, config.model.base), gate_learns=config.trains_gate)
     pad = padding_id(tokenizer)
     if config.method in ("gated", "gated_from_experts"):
         model = gated_model(config, load_base_model(config, tokenizer, output_dir, args), tokenizer)

@@ -67,6 +67,12 @@ class TrainConfig:
         default=None, metadata={"help": "gated methods: train the gate alone first, on long dialogues (None: no warm-up)"}
     )
 
+    @property
+    def trains_gate(self) -> bool:
+        """Whether the joint run trains a gate on the corpus's labels (a gated method whose gate
+        is not frozen); the gate warm-up always does."""
+        return self.method in GATED_METHODS and not self.training.freeze_gate
+
     def validate(self, check_paths: bool = True) -> None:
         """Raises a :class:`ConfigError` for inconsistent settings.
 
@@ -88,8 +94,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}.synthesize.backend: 'grounded' needs the base model's own answers, and "
                                   f"model.base is {TINY_BASE!r} (random weights); use 'template' or a real base")
             off_level = section.synthesize.off_level_rate if section and section.synthesize else 0.0
-            gate_learns = name == "gate_warmup.data" or (self.method in GATED_METHODS and not self.training.freeze_gate)
-            if off_level and gate_learns:
+            if off_level and (name == "gate_warmup.data" or self.trains_gate):
                 raise ConfigError(
                     f"{name}.synthesize.off_level_rate: {off_level} labels replies with levels the dialogue does not call "
                     "for, and a gate would learn from those labels; use it only in data.synthesize, with "

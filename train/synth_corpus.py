@@ -71,7 +71,6 @@ def record(plan: DialoguePlan, turns: list[dict], backend: str) -> dict:
     }
 
 
-
 def off_level_turns(record: dict) -> int:
     """How many replies of a dialogue record are labelled with another level than the user's
     state calls for (see :attr:`.synth_plan.SynthConfig.off_level_rate`).
