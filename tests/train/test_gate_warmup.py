@@ -13,6 +13,7 @@ from moe_empathy.losses import IGNORE_INDEX
 from moe_empathy.train.collate import encode_dialogue
 from moe_empathy.train.config import ConfigError
 from moe_empathy.train.config_sections import GateWarmupSection
+from moe_empathy.eval import own_replies
 from moe_empathy.train import gate_rewarm
 from moe_empathy.train.gate_rewarm import check_rewarmable
 from moe_empathy.train.gate_warmup import (
@@ -202,7 +203,8 @@ def test_rewarm_refuses_experts_that_trained_under_the_gate(corpus_dir):
 
 @pytest.mark.integration  # a trainer run
 def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
-    """A run routed by label with a frozen gate, then its gate warmed up again on shuffled replies."""
+    """A run routed by label with a frozen gate, then its gate warmed up again on shuffled replies,
+    and on its own replies."""
     sections = {
         "model": {"gate_memory": "gru", "gate_memory_size": 8},
         "gate_warmup": {"data": {"path": str(corpus_dir), "max_length": 256}, "epochs": 2, "batch_size": 16},
@@ -220,3 +222,11 @@ def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
     assert experts and all(torch.equal(v, after.state_dict()[k]) for k, v in experts.items())
     assert any(not torch.equal(p, q) for p, q in zip(before.gate.parameters(), after.gate.parameters()))
     assert len(json.loads((tmp_path / "new" / "gate_warmup.json").read_text())["epochs"]) == 3
+    # The same on contexts that hold the model's own replies: every warm-up dialogue is played.
+    args = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "own")]
+    assert own_replies.main([*args, "--reply-tokens", "4"]) == 0
+    played = (tmp_path / "own" / "own_replies.jsonl").read_text().splitlines()
+    log = json.loads((tmp_path / "own" / "gate_warmup.json").read_text())
+    assert len(played) == sum(log["dialogues"].values())
+    own = MoeEmpathyForCausalLM.from_pretrained(tmp_path / "own")
+    assert all(torch.equal(v, own.state_dict()[k]) for k, v in experts.items())

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
+from moe_empathy import MoeEmpathyConfig
 from moe_empathy.train.config import ConfigError, TrainConfig, changed_keys, config_from_dict, load_config
+from moe_empathy.train.gate_rewarm import check_rewarmable
 from moe_empathy.train.trainer import train
 from train_support import CONFIGS, tiny_config
 
@@ -27,11 +29,23 @@ def _values(tmp_path, **changes) -> dict:
     return values
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2", "smollm2-grounded", "smollm2-single-lora", "smollm2-per-level", "llama-8b-fsdp"])
+@pytest.mark.parametrize("name", ["tiny", "smollm2", "smollm2-grounded", "smollm2-single-lora", "smollm2-per-level", "smollm2-own-replies", "llama-8b-fsdp"])
 def test_shipped_configs_parse(name):
     config = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
     assert isinstance(config, TrainConfig)
     assert config.data.synthesize is not None or name == "llama-8b-fsdp"
+
+
+def test_own_replies_config_rewarms_the_shipped_run():
+    """The shipped gate's config passes the rewarm's checks and differs from the run's only in
+    its warm-up's dialogue limits and learning rate."""
+    run = load_config(CONFIGS / "smollm2.yaml", check_paths=False)
+    rewarm = load_config(CONFIGS / "smollm2-own-replies.yaml", check_paths=False)
+    model = run.model
+    check_rewarmable(rewarm, MoeEmpathyConfig(gate_layer=model.gate_layer, gate_hidden_size=model.gate_hidden_size,
+                                              gate_memory=model.gate_memory, gate_memory_size=model.gate_memory_size))
+    assert rewarm.training == run.training and rewarm.model == run.model
+    assert rewarm.gate_warmup.data.path == run.gate_warmup.data.path and rewarm.gate_warmup.data.max_train_dialogues == 120
 
 
 def test_values_are_typed(tmp_path):
