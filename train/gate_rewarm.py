@@ -24,7 +24,7 @@ from typing import Protocol
 
 from moe_empathy.errors import run_command
 from moe_empathy.turns import padding_id
-from moe_empathy.utils import replace_output_dir
+from moe_empathy.utils import check_output_dir, replace_output_dir
 
 from .baselines import encode_splits, ensure_corpus, load_tokenizer
 from .config import TrainConfig, load_config, training_arguments
@@ -79,6 +79,7 @@ def rewarm(args: argparse.Namespace, context: Callable[..., ContextReplies] | No
     from moe_empathy.loading import load_model_and_tokenizer
 
     config = load_config(args.config)
+    check_output_dir(args.out, args.overwrite, "gate rewarm")  # before the long part, not after
     model, model_tokenizer, _ = load_model_and_tokenizer(args.model)
     check_rewarmable(config, model.config)
     tokenizer = load_tokenizer(config)
@@ -87,7 +88,7 @@ def rewarm(args: argparse.Namespace, context: Callable[..., ContextReplies] | No
     seed = config.training.seed
     corpus = ensure_corpus(warmup.data, training_args, config.model.base)
     replies = context(model, model_tokenizer) if context is not None else None
-    splits = encode_splits(config, tokenizer, corpus, warmup.data, replies or context_replies(warmup, seed))
+    splits = encode_splits(config, tokenizer, corpus, warmup.data, replies if replies is not None else context_replies(warmup, seed))
     pad = padding_id(tokenizer)
     with replace_output_dir(args.out, args.overwrite, "gate rewarm") as staging:
         log = warm_up_gate(model.train(), splits, pad, warmup, seed, staging)

@@ -224,6 +224,9 @@ def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
     assert len(json.loads((tmp_path / "new" / "gate_warmup.json").read_text())["epochs"]) == 3
     # The same on contexts that hold the model's own replies: every warm-up dialogue is played.
     args = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "own")]
+    taken = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "new")]
+    assert own_replies.main(taken) == 2  # refused before any dialogue is played
+    assert not (tmp_path / "new" / "own_replies.jsonl").exists()
     assert own_replies.main([*args, "--reply-tokens", "4"]) == 0
     played = (tmp_path / "own" / "own_replies.jsonl").read_text().splitlines()
     log = json.loads((tmp_path / "own" / "gate_warmup.json").read_text())
