@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from moe_empathy.eval.dialogues import synthesise_split
 from moe_empathy.eval.own_replies import OwnReplies
 from moe_empathy.eval.rollout import rollout
 from moe_empathy.eval.systems import build_systems
-from moe_empathy.eval.dialogues import synthesise_split
 
 
 def test_records_hold_the_replies_of_a_free_rollout(gated, tokenizer):

@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from moe_empathy import MoeEmpathyConfig, MoeEmpathyForCausalLM
+from moe_empathy.eval import own_replies
 from moe_empathy.losses import IGNORE_INDEX
 from moe_empathy.train.collate import encode_dialogue
 from moe_empathy.train.config import ConfigError
 from moe_empathy.train.config_sections import GateWarmupSection
-from moe_empathy.eval import own_replies
 from moe_empathy.train import gate_rewarm
 from moe_empathy.train.gate_rewarm import check_rewarmable
 from moe_empathy.train.gate_warmup import (
@@ -202,7 +202,7 @@ def test_rewarm_refuses_experts_that_trained_under_the_gate(corpus_dir):
 
 
 @pytest.mark.integration  # a trainer run
-def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
+def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path, monkeypatch):
     """A run routed by label with a frozen gate, then its gate warmed up again on shuffled replies,
     and on its own replies."""
     sections = {
@@ -223,11 +223,11 @@ def test_rewarm_changes_the_gate_and_keeps_the_experts(corpus_dir, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(before.gate.parameters(), after.gate.parameters()))
     assert len(json.loads((tmp_path / "new" / "gate_warmup.json").read_text())["epochs"]) == 3
     # The same on contexts that hold the model's own replies: every warm-up dialogue is played.
-    args = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "own")]
-    taken = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml"), "--out", str(tmp_path / "new")]
-    assert own_replies.main(taken) == 2  # refused before any dialogue is played
-    assert not (tmp_path / "new" / "own_replies.jsonl").exists()
-    assert own_replies.main([*args, "--reply-tokens", "4"]) == 0
+    given = ["--model", str(tmp_path / "run" / "last"), "--config", str(tmp_path / "rewarm.yaml")]
+    with monkeypatch.context() as patched:  # an --out already taken is refused before any dialogue is played
+        patched.setattr(own_replies, "rollout", lambda *a, **k: pytest.fail("played a dialogue for a refused --out"))
+        assert own_replies.main([*given, "--out", str(tmp_path / "new")]) == 2
+    assert own_replies.main([*given, "--out", str(tmp_path / "own"), "--reply-tokens", "4"]) == 0
     played = (tmp_path / "own" / "own_replies.jsonl").read_text().splitlines()
     log = json.loads((tmp_path / "own" / "gate_warmup.json").read_text())
     assert len(played) == sum(log["dialogues"].values())
