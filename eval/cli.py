@@ -20,7 +20,9 @@ from moe_empathy.utils import atomic_path
 
 from .acceptance import AcceptanceTargets, RunSize, check_targets
 from .dialogues import EVAL_SEED, load_split, read_dialogue_file, select_dialogues, synthesise_split
-from .metrics import build_table, compute_metrics, score_rollouts
+from .embedding import EmbeddingScorer
+from .helpfulness import HelpfulnessScorer
+from .metrics import build_table, compute_metrics, helpfulness_of_rollouts, score_rollouts
 from .progress import RunProgress, check_progress
 from .references import reader_ceilings, reference_gaps
 from .report import check_output_dir, plot_gate_heatmaps, write_outputs
@@ -283,8 +285,8 @@ def run_eval(args: argparse.Namespace, on_batch: Callable[[str, int], None] | No
 
 def score_and_measure(console: Console, rollouts: dict[str, list[DialogueRollout]], scorers: dict, expert_names: list[str],
                       tolerance: float, bootstrap: int) -> tuple[dict, dict, dict]:
-    """Scores every reply with every scorer and computes the metrics and the constant-reply and
-    task-selection references (of the first scorer).
+    """Scores every reply with every scorer and the helpfulness scorer, and computes the metrics
+    and the constant-reply and task-selection references (of the first scorer).
 
     Args:
         console: where to say what is being scored.
@@ -297,11 +299,15 @@ def score_and_measure(console: Console, rollouts: dict[str, list[DialogueRollout
     Returns:
         ``(tables, results, references)``, the first two by scorer name.
     """
+    replies = sum(len(r.replies) for v in rollouts.values() for r in v)
+    console.print(f"scoring {replies} replies with the helpfulness scorer")
+    helper = HelpfulnessScorer(embedder=next((s.raw for s in scorers.values() if isinstance(getattr(s, "raw", None), EmbeddingScorer)), None))
+    helpfulness = {system: helpfulness_of_rollouts(played, helper) for system, played in rollouts.items()}
     tables = {}
     for name, scorer in scorers.items():
-        console.print(f"scoring {sum(len(r.replies) for v in rollouts.values() for r in v)} replies with {name}")
+        console.print(f"scoring {replies} replies with {name}")
         scored = {system: score_rollouts(played, scorer) for system, played in rollouts.items()}
-        tables[name] = build_table(rollouts, scored, expert_names)
+        tables[name] = build_table(rollouts, scored, expert_names, helpfulness)
     results = {name: compute_metrics(table, tolerance, samples=bootstrap) for name, table in tables.items()}
     dialogues = len(next(iter(rollouts.values())))
     references = reference_gaps(tables[next(iter(scorers))], np.arange(dialogues), bootstrap, 0)

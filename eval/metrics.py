@@ -27,11 +27,34 @@ from moe_empathy.train.taxonomy import LEVEL_TARGET, LEVELS
 from .stats import bootstrap, drift_onset, gate_choices, gate_entropy, per_dialogue_slope, per_dialogue_std, shift_events, turn_mean
 
 if TYPE_CHECKING:  # annotations only: the rollout module needs torch
+    from .helpfulness import HelpfulnessScorer
     from .rollout import DialogueRollout
     from .scoring import Scorer
 
 BUCKETS = {"1-5": (1, 5), "6-15": (6, 15), "16-30": (16, 30), "30+": (30, None)}  # inclusive turn ranges (1-based)
 EMPTY_REPLY_SCORE = 1.0  # an empty reply shows no empathy
+
+
+def replies_in_context(rollouts: list[DialogueRollout]) -> tuple[list[str], list[list[dict]], list[tuple[int, int]]]:
+    """Every non-empty reply of some rollouts with the dialogue before it.
+
+    Args:
+        rollouts: one system's rollouts.
+
+    Returns:
+        ``(replies, contexts, where)``: ``where[i]`` is reply ``i``'s ``(dialogue, turn)``.
+    """
+    responses, contexts, where = [], [], []
+    for d, r in enumerate(rollouts):
+        history: list[dict] = []
+        for t, (user, reply) in enumerate(zip(r.users, r.replies)):
+            history.append({"role": "user", "content": user})
+            if reply.strip():
+                responses.append(reply)
+                contexts.append(list(history))
+                where.append((d, t))
+            history.append({"role": "assistant", "content": reply})
+    return responses, contexts, where
 
 
 def score_rollouts(rollouts: list[DialogueRollout], scorer: Scorer) -> list[list[float]]:
@@ -45,20 +68,25 @@ def score_rollouts(rollouts: list[DialogueRollout], scorer: Scorer) -> list[list
         ``[dialogues][turns]`` scores on the 1-5 scale; empty replies get
         :data:`EMPTY_REPLY_SCORE` without being sent to the scorer.
     """
-    responses, contexts, where = [], [], []
-    for d, r in enumerate(rollouts):
-        history: list[dict] = []
-        for t, (user, reply) in enumerate(zip(r.users, r.replies)):
-            history.append({"role": "user", "content": user})
-            if reply.strip():
-                responses.append(reply)
-                contexts.append(list(history))
-                where.append((d, t))
-            history.append({"role": "assistant", "content": reply})
+    responses, contexts, where = replies_in_context(rollouts)
     scores = [[EMPTY_REPLY_SCORE] * len(r.replies) for r in rollouts]
     for (d, t), s in zip(where, scorer.score(responses, contexts) if responses else []):
         scores[d][t] = float(s.score)
     return scores
+
+
+def helpfulness_of_rollouts(rollouts: list[DialogueRollout], scorer: HelpfulnessScorer) -> list[list[float]]:
+    """Helpfulness (1-5) of every reply of some rollouts in its context; an empty reply gets 1.
+
+    Args:
+        rollouts: one system's rollouts.
+        scorer: the helpfulness scorer.
+    """
+    responses, contexts, where = replies_in_context(rollouts)
+    values = [[1.0] * len(r.replies) for r in rollouts]
+    for (d, t), v in zip(where, scorer.score(responses, contexts) if responses else []):
+        values[d][t] = float(v)
+    return values
 
 
 @dataclass
@@ -75,6 +103,7 @@ class EvalTable:
         gates: ``{system: [D, T, E]}`` per-turn expert mixtures of systems that have them.
         expert_names: the levels, in expert order.
         replies: ``{system: [dialogues][turns]}`` the replies' text (repetition metrics).
+        helpfulness: ``{system: [D, T]}`` helpfulness of each reply (1-5), where it was scored.
     """
 
     tasks: np.ndarray
@@ -85,19 +114,22 @@ class EvalTable:
     gates: dict[str, np.ndarray]
     expert_names: list[str]
     replies: dict[str, list[list[str]]] = field(default_factory=dict)
+    helpfulness: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_dialogues(self) -> int:
         return len(self.tasks)
 
 
-def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, list[list[float]]], expert_names: list[str] = list(LEVELS)) -> EvalTable:
+def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, list[list[float]]], expert_names: list[str] = list(LEVELS),
+                helpfulness: dict[str, list[list[float]]] | None = None) -> EvalTable:
     """Aligns rollouts and their scores into arrays.
 
     Args:
         rollouts: ``{system: rollouts}``, every system on the same dialogues in the same order.
         scores: ``{system: [dialogues][turns]}`` from :func:`score_rollouts`.
         expert_names: the levels, in expert order (gate columns).
+        helpfulness: ``{system: [dialogues][turns]}`` from :func:`helpfulness_of_rollouts`, or None.
     """
     reference = next(iter(rollouts.values()))
     for name, played in rollouts.items():
@@ -109,12 +141,15 @@ def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, li
     for d, r in enumerate(reference):
         targets[d, : len(r.levels)] = [LEVEL_TARGET[level] for level in r.levels]
         labels[d, : len(r.levels)] = [expert_names.index(level) for level in r.levels]
+    def matrix(rows: list[list[float]]) -> np.ndarray:  # [D, T], NaN past a dialogue's end
+        values = np.full((num, width), np.nan)
+        for d, row in enumerate(rows):
+            values[d, : len(row)] = row
+        return values
+
     table_scores, gates = {}, {}
     for name, played in rollouts.items():
-        matrix = np.full((num, width), np.nan)
-        for d, row in enumerate(scores[name]):
-            matrix[d, : len(row)] = row
-        table_scores[name] = matrix
+        table_scores[name] = matrix(scores[name])
         if played[0].gate is not None:
             gate = np.full((num, width, len(expert_names)), np.nan)
             for d, r in enumerate(played):
@@ -129,6 +164,7 @@ def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, li
         gates=gates,
         expert_names=list(expert_names),
         replies={name: [list(r.replies) for r in played] for name, played in rollouts.items()},
+        helpfulness={name: matrix(rows) for name, rows in (helpfulness or {}).items()},
     )
 
 
@@ -187,7 +223,8 @@ def distinct_n(replies: list[str], n: int = 2) -> tuple[int, int]:
 
 
 def repetition_metrics(table: EvalTable, system: str, population: np.ndarray, samples: int, seed: int) -> dict:
-    """Copy rate, distinct-2 and mean reply length (words) of one system's replies.
+    """Copy rate, distinct-2, mean reply length (words) and, where scored, mean helpfulness of
+    one system's replies.
 
     Args:
         table: the aligned arrays (with ``replies``).
@@ -203,11 +240,14 @@ def repetition_metrics(table: EvalTable, system: str, population: np.ndarray, sa
         lengths[d, : len(replies)] = [len(reply_words(r)) for r in replies]
     unique, total = distinct_n([r for d in population for r in dialogues[d]], 2)
     boot = lambda fn: bootstrap(fn, population, samples, seed)  # noqa: E731
-    return {
+    metrics = {
         "copy_rate": boot(lambda idx: turn_mean(copies, idx)),
         "distinct_2": {"value": unique / total if total else None, "ci_low": None, "ci_high": None, "n": int(population.size)},
         "reply_words": boot(lambda idx: turn_mean(lengths, idx)),
     }
+    if system in table.helpfulness:
+        metrics["helpfulness"] = boot(lambda idx: turn_mean(table.helpfulness[system], idx))
+    return metrics
 
 
 # --------------------------------------------------------------------- metric sets

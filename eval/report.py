@@ -211,9 +211,6 @@ def _references(metrics: dict, systems: dict) -> list[str]:
             parts.append(f"- `{name}` beats the constant-reply reference: gap {gap:.2f} < {constant['value']:.2f}"
                          + ("" if by_task["value"] is None or gap < by_task["value"] else
                             f", but not the task-selection ceiling ({by_task['value']:.2f})") + ".")
-    parts += ["", "Helpfulness is not scored: no helpfulness scorer has been validated against people (in the rating "
-              "set nearly all model-written replies are rated 1 for helpfulness, too little spread to fit or test one). "
-              "Copy rate, distinct-2 and words per reply below are the signs of replies that stop helping.", ""]
     readers = refs.get("readers")
     if readers:
         parts += [
@@ -285,16 +282,20 @@ def render_report(metrics: dict) -> str:
     ]
     parts += _references(metrics, systems)
     parts += [
-        "## Repetition",
+        "## Replies that stop helping",
         "",
         "Copy rate: share of replies at least half of whose sentences appear verbatim in an earlier reply of the same "
         "dialogue. Distinct-2: unique word bigrams / word bigrams over the system's replies. Words: mean reply length "
-        "(a constant or empty reply scores well on neither copy rate nor length).",
+        "(a constant or empty reply scores well on neither copy rate nor length). Helpfulness: the helpfulness scorer's "
+        "calibrated mean (1-5, `eval/helpfulness.py`), a coarse signal: on held-out rated replies it agrees with the "
+        "raters far less than they agree with each other (Spearman about 0.3-0.4 against their 0.85), so it shows a "
+        "system whose replies stop helping, not an order between close systems.",
         "",
         _table(
-            ["system", "copy rate", "distinct-2", "words per reply"],
+            ["system", "copy rate", "distinct-2", "words per reply", "helpfulness"],
             [
-                [name, _ci(r["copy_rate"], percent=True), _ci(r["distinct_2"], digits=3), _ci(r["reply_words"], digits=1)]
+                [name, _ci(r["copy_rate"], percent=True), _ci(r["distinct_2"], digits=3), _ci(r["reply_words"], digits=1),
+                 _ci(r.get("helpfulness"))]
                 for name, r in ((name, e["repetition"]) for name, e in systems.items() if "repetition" in e)
             ],
         ),

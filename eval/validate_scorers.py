@@ -28,6 +28,7 @@ from moe_empathy.train.taxonomy import LEVEL_BAND, LEVELS
 from moe_empathy.utils import atomic_write_text
 
 from .calibration import CalibratedScorer, RatedReply, SplitConfig, fit_items, raw_scores
+from .helpfulness import HelpfulnessScorer
 from .scorers import SCORERS, get_scorer
 
 GOALS = {"spearman": 0.8, "mae": 0.6, "band_agreement": 0.6}  # issue 12
@@ -124,6 +125,47 @@ def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None 
     return report
 
 
+def validate_helpfulness(config: SplitConfig = SplitConfig()) -> dict:
+    """The helpfulness scorer against the raters' mean helpfulness on the rating set's held-out part.
+
+    Args:
+        config: the split (the one the stored curve was fitted with).
+
+    Returns:
+        ``{"n", "constant_value", "constant", "raw", "calibrated", "by_system"}``: agreement as
+        ``{"spearman", "mae", "n"}``, and per system the raters' and the calibrated scorer's mean.
+    """
+    dev_fit, dev_held, _, _ = fit_items(config)
+    scorer = HelpfulnessScorer()
+    raw = scorer.raw_scores([i.reply for i in dev_held], [i.context for i in dev_held])
+    calibrated = scorer.curve(raw)
+    people = np.array([i.helpfulness for i in dev_held])
+    constant = float(np.median([i.helpfulness for i in dev_fit]))
+
+    def agree(predictions) -> dict:
+        return {"spearman": spearman(people, predictions), "mae": float(np.abs(np.asarray(predictions) - people).mean()), "n": len(people)}
+
+    systems = sorted({i.system for i in dev_held})
+    by_system = {name: {"raters": float(people[[i.system == name for i in dev_held]].mean()),
+                        "scorer": float(calibrated[[i.system == name for i in dev_held]].mean())} for name in systems}
+    return {"n": len(dev_held), "constant_value": constant, "constant": agree([constant] * len(people)),
+            "raw": agree(raw), "calibrated": agree(calibrated), "by_system": by_system}
+
+
+def render_helpfulness(report: dict) -> str:
+    """:func:`validate_helpfulness`'s output as a Markdown table.
+
+    Args:
+        report: its output.
+    """
+    rows = [(f"constant {report['constant_value']:.2f}", report["constant"], report["constant"]), ("helpfulness", report["raw"], report["calibrated"])]
+    lines = [f"helpfulness, devset_heldout (n = {report['n']})", "", "| scorer | Spearman raw | Spearman cal. | MAE raw | MAE cal. |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(raw['spearman'], '.3f')} | {_fmt(cal['spearman'], '.3f')} | {raw['mae']:.2f} | {cal['mae']:.2f} |" for name, raw, cal in rows]
+    lines += ["", "| system | raters' mean | scorer's mean (cal.) |", "|---|---|---|"]
+    lines += [f"| {name} | {v['raters']:.2f} | {v['scorer']:.2f} |" for name, v in report["by_system"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def spearman(labels, predictions) -> float | None:
     """Spearman correlation, or None where either side is constant."""
     from scipy.stats import spearmanr
@@ -182,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_scorers(args: argparse.Namespace) -> dict:
-    """Run ``moe-empathy eval scorers``: prints the held-out tables (Markdown).
+    """Run ``moe-empathy eval scorers``: prints the held-out tables (Markdown), the empathy
+    scorers' and the helpfulness scorer's.
 
     Args:
         args: the parsed arguments of :func:`add_arguments`.
@@ -193,7 +236,9 @@ def run_scorers(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown scorer(s) {', '.join(unknown) or names}; choose from: {', '.join(SCORERS)}")
     judge = {"model": args.judge_model, "endpoint": args.judge_endpoint, "endpoint_model": args.judge_endpoint_model}
     report = validate_scorers(names, {"judge": judge})
+    report["helpfulness"] = validate_helpfulness()
     print(render_markdown(report))
+    print(render_helpfulness(report["helpfulness"]))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report

@@ -56,10 +56,11 @@ def test_eval_run_writes_report_metrics_plots(checkpoint, baselines, scripts, tm
     assert set(systems["gated"]["gate"]) >= {"accuracy", "entropy", "switch_rate", "shift_follow_rate", "confusion"}
     assert "experts" in metrics["settings"]["systems"]["external"]
     assert len(metrics["targets"]) == 7
+    assert all(1.0 <= systems[name]["repetition"]["helpfulness"]["value"] <= 5.0 for name in systems)
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 4 and all(len(r["replies"]) == len(r["scores"]) == 2 for r in rows)
     report = (out / "report.md").read_text()
-    assert "## Targets" in report and "## The gate" in report
+    assert "## Targets" in report and "## The gate" in report and "| words per reply | helpfulness |" in report
     with pytest.raises(FileExistsError, match="--overwrite"):
         _run("eval", "run", "--model", checkpoint, "--data", data, "--out", out, "--systems", "base")
 
