@@ -302,35 +302,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=DEVSET_SEED, help="seed of the synthesised test-split dialogues, the turn draws and the shuffle")
     parser.add_argument("--append", action="store_true", help="add a batch to the set in --out (ids continue after its last one) instead of writing a new set")
+    parser.add_argument("--from-run", default=None,
+                        help="sample the replies of a finished `moe-empathy eval run` (its output folder) instead of playing dialogues; "
+                             "--systems then picks among the run's systems, and the settings of playing are the run's")
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Plays the systems, samples, and writes the raters' file and the key.
+def sampled_run(folder: str, names: list[str], ranges: list[tuple[int, int]]) -> tuple[dict[str, list[DialogueRollout]], dict]:
+    """The rollouts of a finished evaluation run, for the systems asked for.
 
     Args:
-        argv: command-line arguments (default: ``sys.argv[1:]``).
+        folder: the run's output folder.
+        names: the systems to sample (each must be in the run).
+        ranges: the turn ranges to draw from (checked against the run's turns).
 
     Returns:
-        The run's settings and counts (also printed).
+        ``(rollouts, settings)``: ``{system: rollouts}`` and how the replies were played.
+    """
+    from .cli import read_run
+
+    metrics, rollouts = read_run(folder)
+    missing = [n for n in names if n not in rollouts]
+    if missing:
+        raise ValueError(f"{folder} has no rollouts of {', '.join(missing)} (it has {', '.join(rollouts)}); pass --systems among those")
+    run = metrics["settings"]
+    if ranges[-1][0] > run["turns"]:
+        raise ValueError(f"the run played {run['turns']} turns; a --ranges beyond that gives no reply")
+    settings = {"from_run": _portable(folder), "model": run["model"], "systems": {n: run["systems"][n] for n in names},
+                "split": run["split"], "dialogues": run["dialogues"], "turns": run["turns"], "max_new_tokens": run["max_new_tokens"]}
+    return {n: rollouts[n] for n in names}, settings
+
+
+def play_dialogues(args: argparse.Namespace, names: list[str], ranges: list[tuple[int, int]], console) -> tuple[dict[str, list[DialogueRollout]], dict]:
+    """Plays the systems on synthesised test-split dialogues.
+
+    Args:
+        args: the parsed arguments (:func:`build_parser`).
+        names: the systems to play.
+        ranges: the turn ranges that will be drawn from (checked against ``--turns``).
+        console: where to say what is played.
+
+    Returns:
+        ``(rollouts, settings)``: ``{system: rollouts}`` and how the replies were played.
     """
     import torch
-    from rich.console import Console
 
     from moe_empathy.loading import default_checkpoint, load_model_and_tokenizer
 
-    args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    console = Console(highlight=False)
-    out = Path(args.out)
-    key_path = Path(args.key) if args.key else out.with_name(f"{out.stem}_key.jsonl")
-    settings_path = out.with_name(f"{out.stem}_settings.json")
-    names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()])
-    ranges = parse_ranges(args.ranges)
-    counts = parse_counts(args.per_range, len(ranges))
-    if args.append:
-        check_appendable(out, key_path)
     if ranges[-1][0] > args.turns:
         raise ValueError(f"--ranges {args.ranges} reaches beyond --turns {args.turns}: a range there gives no reply")
     model_dir = check_model_dir(args.model) if args.model else default_checkpoint()
@@ -347,28 +365,48 @@ def main(argv: list[str] | None = None) -> dict:
     with progress_bar() as progress:
         rollouts, _ = rollout(systems, records, tokenizer, args.batch_size, args.max_new_tokens, "cached", progress)
     seconds = time.perf_counter() - start
+    console.print(f"rollouts took {seconds / 60:.1f} min")
+    settings = {"model": _portable(model_dir), "systems": {s.name: s.description for s in systems}, "single_lora": _portable(args.single_lora),
+                "experts_dir": _portable(args.experts_dir), "split": "test", "dialogues": len(records), "turns": args.turns,
+                "max_new_tokens": args.max_new_tokens, "rollout_seconds": round(seconds, 1), "threads": torch.get_num_threads()}
+    return rollouts, settings
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Plays the systems (or reads a finished run's replies), samples, and writes the raters'
+    file and the key.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The run's settings and counts (also printed).
+    """
+    import torch
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = Console(highlight=False)
+    out = Path(args.out)
+    key_path = Path(args.key) if args.key else out.with_name(f"{out.stem}_key.jsonl")
+    settings_path = out.with_name(f"{out.stem}_settings.json")
+    names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()])
+    ranges = parse_ranges(args.ranges)
+    counts = parse_counts(args.per_range, len(ranges))
+    if args.append:
+        check_appendable(out, key_path)
+    if args.from_run:
+        rollouts, played = sampled_run(args.from_run, names, ranges)
+    else:
+        rollouts, played = play_dialogues(args, names, ranges, console)
     pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed)
     kept = deduplicate(pairs, args.min_replies)
-    settings = {
-        "model": _portable(model_dir),
-        "systems": {s.name: s.description for s in systems},
-        "single_lora": _portable(args.single_lora),
-        "experts_dir": _portable(args.experts_dir),
-        "split": "test",
-        "seed": args.seed,
-        "dialogues": len(records),
-        "turns": args.turns,
-        "ranges": args.ranges,
-        "per_range": counts,
-        "context_messages": args.context_messages,
-        "max_new_tokens": args.max_new_tokens,
-        "sampled": len(pairs),
-        "kept": len(kept),
-        "rollout_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-    }
+    settings = {**played, "seed": args.seed, "ranges": args.ranges, "per_range": counts, "context_messages": args.context_messages,
+                "sampled": len(pairs), "kept": len(kept)}
     items = write_batch(out, key_path, settings_path, kept, settings, args.seed, args.append)
-    console.print(f"rollouts took {seconds / 60:.1f} min; sampled {len(pairs)} replies, kept {len(items)} ({items[0]['id']}-{items[-1]['id']})")
+    console.print(f"sampled {len(pairs)} replies, kept {len(items)} ({items[0]['id']}-{items[-1]['id']})")
     console.print(f"wrote {out}, {key_path} and {settings_path}")
     return settings
 

@@ -143,3 +143,30 @@ def test_append_without_a_set_is_refused_before_any_rollout(tmp_path, monkeypatc
     monkeypatch.setattr(devset, "rollout", lambda *a, **k: pytest.fail("rolled out before checking --append"))
     with pytest.raises(ValueError, match="drop --append"):
         devset.main(["--out", str(tmp_path / "replies.jsonl"), "--append"])
+
+
+def test_from_run_samples_a_finished_evaluation_without_playing(tmp_path, monkeypatch):
+    import dataclasses
+
+    import moe_empathy.eval.devset as devset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    played = {"base": [_rollout("base", f"d{i}", 8) for i in range(2)], "gated": [_rollout("gated", f"d{i}", 8, gate=True) for i in range(2)]}
+    settings = {"model": "m", "systems": {"base": "the base", "gated": "the gate"}, "split": "test", "dialogues": 2, "turns": 8, "max_new_tokens": 32}
+    (run / "metrics.json").write_text(json.dumps({"settings": settings}))
+    write_jsonl(run / "rollouts.jsonl", [dataclasses.asdict(r) for rows in played.values() for r in rows])
+    monkeypatch.setattr(devset, "rollout", lambda *a, **k: pytest.fail("played dialogues although --from-run was given"))
+    out = tmp_path / "sample" / "replies.jsonl"
+    out.parent.mkdir()
+    common = ["--out", str(out), "--from-run", str(run), "--ranges", "1-3,6-8", "--per-range", "1", "--min-replies", "1"]
+    written = devset.main([*common, "--systems", "gated"])
+    items, keys = read_jsonl(out), read_jsonl(tmp_path / "sample" / "replies_key.jsonl")
+    assert written["from_run"] and written["turns"] == 8 and written["systems"] == {"gated": "the gate"}
+    assert len(items) == 2 * 2 and {k["system"] for k in keys} == {"gated"}
+    for item, key in zip(items, keys):
+        assert item["reply"] == f"gated {key['dialogue_id']} reply {key['turn']}" and "system" not in item
+    with pytest.raises(ValueError, match="no rollouts of external"):
+        devset.main([*common, "--systems", "external"])
+    with pytest.raises(ValueError, match="played 8 turns"):
+        devset.main(["--out", str(out), "--from-run", str(run), "--ranges", "1-3,9-12", "--systems", "base"])

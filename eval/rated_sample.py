@@ -1,0 +1,121 @@
+"""People's reading of an evaluation: a rated sample of its replies, per system.
+
+A sample of a finished run's replies is drawn blind
+(``python -m moe_empathy.eval.devset --from-run RUN --out DIR/replies.jsonl``), two raters rate it
+with ``eval/data/rating/RUBRIC.md`` (``DIR/ratings_rater_a.jsonl``, ``DIR/ratings_rater_b.jsonl``),
+and ``python -m moe_empathy.eval.rated_sample --dir DIR`` gives, per system, what the raters saw:
+their helpfulness, their empathy against the turn's target (the raters' gap), and beside them the
+scorers' figures on the same replies, with the raters' agreement. A scorer's conclusion can be
+checked this way on the very run it is drawn from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moe_empathy.train.taxonomy import LEVEL_TARGET
+from moe_empathy.utils import atomic_write_text, read_jsonl
+
+from .calibration import RATERS, load_rated_devset
+from .helpfulness import HelpfulnessScorer
+from .scorers import get_scorer
+from .validate_scorers import spearman
+
+REPORT = "rated_sample.md"
+
+
+def rater_agreement(folder: Path) -> dict:
+    """How far the two raters agree: exact and Spearman, for empathy and helpfulness.
+
+    Args:
+        folder: the rated sample's folder.
+    """
+    a, b = ({r["id"]: r for r in read_jsonl(folder / f"ratings_{name}.jsonl")} for name in RATERS)
+    ids = sorted(a)
+    agreement = {}
+    for field in ("empathy", "helpfulness"):
+        x, y = [a[i][field] for i in ids], [b[i][field] for i in ids]
+        agreement[field] = {"exact": float(np.mean([p == q for p, q in zip(x, y)])), "spearman": spearman(x, y)}
+    return agreement
+
+
+def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
+    """Per system: the raters' helpfulness and gap, and each scorer's on the same replies.
+
+    Args:
+        folder: a folder with ``replies.jsonl``, ``replies_key.jsonl`` and both raters' files.
+        scorer_names: calibrated empathy scorers to set beside the raters.
+
+    Returns:
+        ``{"n", "agreement", "constant_gap", "systems": {system: {"n", "raters_helpfulness",
+        "helpfulness_scorer", "raters_gap", "raters_empathy", "<scorer>_gap"}}}``.
+    """
+    folder = Path(folder)
+    items = load_rated_devset(folder)
+    targets = np.array([LEVEL_TARGET[i.level] for i in items])
+    people = np.array([i.reference for i in items])
+    replies, contexts = [i.reply for i in items], [i.context for i in items]
+    helpfulness = np.array(HelpfulnessScorer().score(replies, contexts))
+    scored = {name: np.array([s.score for s in get_scorer(name).score(replies, contexts)]) for name in scorer_names}
+    # the best single fixed score on these turns: the gap a constant reply would reach
+    constant = float(min(np.abs(targets - c).mean() for c in np.linspace(1, 5, 401)))
+    systems = {}
+    for system in dict.fromkeys(i.system for i in items):
+        rows = np.array([i.system == system for i in items])
+        entry = {"n": int(rows.sum()),
+                 "raters_helpfulness": float(np.mean([i.helpfulness for i, keep in zip(items, rows) if keep])),
+                 "helpfulness_scorer": float(helpfulness[rows].mean()),
+                 "raters_empathy": float(people[rows].mean()),
+                 "raters_gap": float(np.abs(targets[rows] - people[rows]).mean())}
+        for name, scores in scored.items():
+            entry[f"{name}_gap"] = float(np.abs(targets[rows] - scores[rows]).mean())
+        systems[system] = entry
+    return {"n": len(items), "agreement": rater_agreement(folder), "constant_gap": constant, "systems": systems,
+            "settings": json.loads((folder / "replies_settings.json").read_text())}
+
+
+def render(summary: dict, scorer_names: list[str]) -> str:
+    """The summary as Markdown.
+
+    Args:
+        summary: :func:`summarise` output.
+        scorer_names: the scorers in it.
+    """
+    agree = summary["agreement"]
+    lines = [
+        f"# Rated sample: {summary['n']} replies of `{summary['settings'].get('from_run')}`, two raters", "",
+        f"Raters' agreement: empathy exact {agree['empathy']['exact']:.0%}, Spearman {agree['empathy']['spearman'] or float('nan'):.2f}; "
+        f"helpfulness exact {agree['helpfulness']['exact']:.0%}, Spearman {agree['helpfulness']['spearman'] or float('nan'):.2f}.", "",
+        "Raters' gap: mean |target - the raters' mean of 1 + 4 s / 6| (s = mechanism total); a constant reply's best gap on "
+        f"these turns: {summary['constant_gap']:.2f}. Helpfulness 1-5 (the raters' mean; the helpfulness scorer's).", "",
+        "| system | replies | raters' helpfulness | helpfulness scorer | raters' empathy | raters' gap | "
+        + " | ".join(f"{n} gap" for n in scorer_names) + " |",
+        "|---" * (6 + len(scorer_names)) + "|",
+    ]
+    for system, e in summary["systems"].items():
+        lines.append(f"| {system} | {e['n']} | {e['raters_helpfulness']:.2f} | {e['helpfulness_scorer']:.2f} | {e['raters_empathy']:.2f} | "
+                     f"{e['raters_gap']:.2f} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``python -m moe_empathy.eval.rated_sample``: writes ``rated_sample.md`` and ``.json`` in the folder."""
+    parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.rated_sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", required=True, type=Path, help="the rated sample's folder (replies, key, both raters' files)")
+    parser.add_argument("--scorers", default="embedding,lexical", help="calibrated empathy scorers to set beside the raters")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+    summary = summarise(args.dir, names)
+    text = render(summary, names)
+    atomic_write_text(args.dir / REPORT, text)
+    atomic_write_text(args.dir / "rated_sample.json", json.dumps(summary, indent=1) + "\n")
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
