@@ -15,7 +15,7 @@ expert's replies.
 ``python -m moe_empathy.eval.blind_rating agreement --dir A --dir B ... --scorers embedding`` reads
 several rated folders (each its own rater; a reply is the same item wherever its prompt and text
 match): how far each pair of raters agrees on the replies they share, and how far each calibrated
-scorer agrees with the raters' mean over every distinct reply.
+scorer (and the helpfulness scorer, on helpfulness) agrees with the raters' mean over every distinct reply.
 """
 
 from __future__ import annotations
@@ -207,6 +207,28 @@ def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
     return agreement_with(scores, refs)
 
 
+def helpfulness_agreement(folders: dict[str, dict]) -> dict:
+    """The calibrated helpfulness scorer against the raters' mean helpfulness over every distinct reply.
+
+    Args:
+        folders: rater name -> :func:`rated_replies`.
+
+    Returns:
+        ``{"spearman", "mae", "constant_mae", "n"}``; the constant predicts the raters' median.
+    """
+    from .helpfulness import HelpfulnessScorer
+
+    merged: dict[tuple[str, str], tuple[dict, list[float]]] = {}
+    for replies in folders.values():
+        for key, (item, rating) in replies.items():
+            merged.setdefault(key, (item, []))[1].append(rating["helpfulness"])
+    keys = sorted(merged)
+    people = np.array([statistics.fmean(merged[k][1]) for k in keys])
+    scores = np.array(HelpfulnessScorer().score([merged[k][0]["reply"] for k in keys], [merged[k][0]["user"] for k in keys]))
+    return {"spearman": spearman(people, scores), "mae": float(np.abs(scores - people).mean()),
+            "constant_mae": float(np.abs(np.median(people) - people).mean()), "n": len(keys)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m moe_empathy.eval.blind_rating``."""
     parser = argparse.ArgumentParser(prog="python -m moe_empathy.eval.blind_rating", description=__doc__.split("\n\n")[0])
@@ -226,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
         folders = {str(d): rated_replies(d) for d in args.dir}
         result = {"raters": rater_agreement(folders),
-                  "scorers": {n: scorer_agreement(folders, get_scorer(n)) for n in filter(None, args.scorers.split(","))}}
+                  "scorers": {n: scorer_agreement(folders, get_scorer(n)) for n in filter(None, args.scorers.split(","))},
+                  "helpfulness": helpfulness_agreement(folders)}
         print(json.dumps(result, indent=1))
         return 0
     if args.command == "items":

@@ -106,4 +106,4 @@ def test_agreement_command_runs_on_rated_folders(tmp_path, capsys):
     b = _rated_folder(tmp_path / "b", replies, [0, 1])
     assert blind_rating.main(["agreement", "--dir", str(a), "--dir", str(b), "--scorers", "lexical"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["raters"][0]["n"] == 2 and result["scorers"]["lexical"]["n"] == 2
+    assert result["raters"][0]["n"] == 2 and result["scorers"]["lexical"]["n"] == 2 and result["helpfulness"]["n"] == 2
