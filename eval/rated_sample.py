@@ -28,6 +28,19 @@ from .validate_scorers import spearman
 REPORT = "rated_sample.md"
 
 
+def mean_ci(values: np.ndarray, samples: int = 1000, seed: int = 0) -> list[float]:
+    """``[mean, low, high]``: the mean and its 95% interval, resampling the replies.
+
+    Args:
+        values: ``[n]`` one value per reply.
+        samples: bootstrap resamples.
+        seed: the resampling seed.
+    """
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)  # [samples]
+    return [float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def rater_agreement(folder: Path) -> dict:
     """How far the two raters agree: exact and Spearman, for empathy and helpfulness.
 
@@ -52,7 +65,8 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
 
     Returns:
         ``{"n", "agreement", "constant_gap", "systems": {system: {"n", "raters_helpfulness",
-        "helpfulness_scorer", "raters_gap", "raters_empathy", "<scorer>_gap"}}}``.
+        "helpfulness_scorer", "raters_gap", "raters_empathy", "<scorer>_gap"}}}``; the raters' helpfulness
+        and gap as ``[mean, low, high]`` (95% interval over the system's replies).
     """
     folder = Path(folder)
     items = load_rated_devset(folder)
@@ -63,19 +77,21 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
     scored = {name: np.array([s.score for s in get_scorer(name).score(replies, contexts)]) for name in scorer_names}
     # the best single fixed score on these turns: the gap a constant reply would reach
     constant = float(min(np.abs(targets - c).mean() for c in np.linspace(1, 5, 401)))
+    settings = json.loads((folder / "replies_settings.json").read_text())
+    rated_help = np.array([i.helpfulness for i in items])
     systems = {}
-    for system in dict.fromkeys(i.system for i in items):
+    present = {i.system for i in items}
+    for system in [s for s in settings.get("systems", {}) if s in present] + sorted(present - set(settings.get("systems", {}))):
         rows = np.array([i.system == system for i in items])
         entry = {"n": int(rows.sum()),
-                 "raters_helpfulness": float(np.mean([i.helpfulness for i, keep in zip(items, rows) if keep])),
+                 "raters_helpfulness": mean_ci(rated_help[rows]),
                  "helpfulness_scorer": float(helpfulness[rows].mean()),
                  "raters_empathy": float(people[rows].mean()),
-                 "raters_gap": float(np.abs(targets[rows] - people[rows]).mean())}
+                 "raters_gap": mean_ci(np.abs(targets[rows] - people[rows]))}
         for name, scores in scored.items():
             entry[f"{name}_gap"] = float(np.abs(targets[rows] - scores[rows]).mean())
         systems[system] = entry
-    return {"n": len(items), "agreement": rater_agreement(folder), "constant_gap": constant, "systems": systems,
-            "settings": json.loads((folder / "replies_settings.json").read_text())}
+    return {"n": len(items), "agreement": rater_agreement(folder), "constant_gap": constant, "systems": systems, "settings": settings}
 
 
 def render(summary: dict, scorer_names: list[str]) -> str:
@@ -91,14 +107,18 @@ def render(summary: dict, scorer_names: list[str]) -> str:
         f"Raters' agreement: empathy exact {agree['empathy']['exact']:.0%}, Spearman {agree['empathy']['spearman'] or float('nan'):.2f}; "
         f"helpfulness exact {agree['helpfulness']['exact']:.0%}, Spearman {agree['helpfulness']['spearman'] or float('nan'):.2f}.", "",
         "Raters' gap: mean |target - the raters' mean of 1 + 4 s / 6| (s = mechanism total); a constant reply's best gap on "
-        f"these turns: {summary['constant_gap']:.2f}. Helpfulness 1-5 (the raters' mean; the helpfulness scorer's).", "",
+        f"these turns: {summary['constant_gap']:.2f}. Helpfulness 1-5 (the raters' mean; the helpfulness scorer's). "
+        "Intervals: 95%, resampling each system's replies.", "",
         "| system | replies | raters' helpfulness | helpfulness scorer | raters' empathy | raters' gap | "
         + " | ".join(f"{n} gap" for n in scorer_names) + " |",
         "|---" * (6 + len(scorer_names)) + "|",
     ]
+    def ci(value: list[float]) -> str:
+        return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
+
     for system, e in summary["systems"].items():
-        lines.append(f"| {system} | {e['n']} | {e['raters_helpfulness']:.2f} | {e['helpfulness_scorer']:.2f} | {e['raters_empathy']:.2f} | "
-                     f"{e['raters_gap']:.2f} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
+        lines.append(f"| {system} | {e['n']} | {ci(e['raters_helpfulness'])} | {e['helpfulness_scorer']:.2f} | {e['raters_empathy']:.2f} | "
+                     f"{ci(e['raters_gap'])} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
     return "\n".join(lines) + "\n"
 
 
