@@ -136,12 +136,15 @@ def reply_context(users: list[str], replies: list[str], turn: int, messages: int
 
 
 def sample_replies(
-    rollouts: dict[str, list[DialogueRollout]], ranges: list[tuple[int, int]], counts: list[int], context_messages: int, seed: int
+    rollouts: dict[str, list[DialogueRollout]], ranges: list[tuple[int, int]], counts: list[int], context_messages: int, seed: int,
+    same_turns: bool = False,
 ) -> list[tuple[dict, dict]]:
     """Draws replies from every system's rollouts.
 
     Each (system, dialogue) draws its own turns, from a random source seeded by the seed, the
-    system and the dialogue, so a sample does not depend on which other systems were played.
+    system and the dialogue, so a sample does not depend on which other systems were played;
+    with ``same_turns`` the source leaves the system out, so every system is rated on the same
+    turns of each dialogue (a paired comparison of the systems).
 
     Args:
         rollouts: ``{system: rollouts}`` as :func:`.rollout.rollout` returns them.
@@ -149,6 +152,7 @@ def sample_replies(
         counts: turns to draw from each range of each rollout.
         context_messages: earlier messages given with each reply.
         seed: the sampling seed.
+        same_turns: draw the same turns of a dialogue for every system.
 
     Returns:
         ``(item, key)`` pairs without ids: ``item`` is what a rater sees, ``key`` the labels.
@@ -156,7 +160,7 @@ def sample_replies(
     pairs = []
     for system, played in rollouts.items():
         for dialogue in played:
-            rng = random.Random(f"{seed}:{system}:{dialogue.dialogue_id}")
+            rng = random.Random(f"{seed}:{dialogue.dialogue_id}" if same_turns else f"{seed}:{system}:{dialogue.dialogue_id}")
             for turn in choose_turns(len(dialogue.replies), ranges, counts, rng):
                 k = turn - 1
                 item = {  # no system name: the raters rate blind
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=DEVSET_SEED, help="seed of the synthesised test-split dialogues, the turn draws and the shuffle")
     parser.add_argument("--append", action="store_true", help="add a batch to the set in --out (ids continue after its last one) instead of writing a new set")
+    parser.add_argument("--same-turns", action="store_true", help="rate every system on the same turns of each dialogue (paired; default: each system draws its own)")
     parser.add_argument("--from-run", default=None,
                         help="sample the replies of a finished `moe-empathy eval run` (its output folder) instead of playing dialogues; "
                              "--systems then picks among the run's systems, and the settings of playing are the run's")
@@ -401,9 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
         rollouts, played = sampled_run(args.from_run, names, ranges)
     else:
         rollouts, played = play_dialogues(args, names, ranges, console)
-    pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed)
+    pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed, args.same_turns)
     kept = deduplicate(pairs, args.min_replies)
-    settings = {**played, "seed": args.seed, "ranges": args.ranges, "per_range": counts, "context_messages": args.context_messages,
+    settings = {**played, "seed": args.seed, "ranges": args.ranges, "per_range": counts, "same_turns": args.same_turns, "context_messages": args.context_messages,
                 "sampled": len(pairs), "kept": len(kept)}
     items = write_batch(out, key_path, settings_path, kept, settings, args.seed, args.append)
     console.print(f"sampled {len(pairs)} replies, kept {len(items)} ({items[0]['id']}-{items[-1]['id']})")

@@ -65,7 +65,7 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
 
     Returns:
         ``{"n", "agreement", "constant_gap", "systems": {system: {"n", "raters_helpfulness",
-        "helpfulness_scorer", "raters_gap", "raters_empathy", "<scorer>_gap"}}}``; the raters' helpfulness
+        "helpfulness_scorer", "raters_gap", "raters_empathy", "raters_by_level", "<scorer>_gap"}}}``; the raters' helpfulness
         and gap as ``[mean, low, high]`` (95% interval over the system's replies).
     """
     folder = Path(folder)
@@ -79,6 +79,7 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
     constant = float(min(np.abs(targets - c).mean() for c in np.linspace(1, 5, 401)))
     settings = json.loads((folder / "replies_settings.json").read_text())
     rated_help = np.array([i.helpfulness for i in items])
+    levels = np.array([i.level for i in items])
     systems = {}
     present = {i.system for i in items}
     for system in [s for s in settings.get("systems", {}) if s in present] + sorted(present - set(settings.get("systems", {}))):
@@ -87,6 +88,8 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
                  "raters_helpfulness": mean_ci(rated_help[rows]),
                  "helpfulness_scorer": float(helpfulness[rows].mean()),
                  "raters_empathy": float(people[rows].mean()),
+                 "raters_by_level": {level: float(people[rows & (levels == level)].mean()) if (rows & (levels == level)).any() else None
+                                     for level in LEVEL_TARGET},
                  "raters_gap": mean_ci(np.abs(targets[rows] - people[rows]))}
         for name, scores in scored.items():
             entry[f"{name}_gap"] = float(np.abs(targets[rows] - scores[rows]).mean())
@@ -107,18 +110,20 @@ def render(summary: dict, scorer_names: list[str]) -> str:
         f"Raters' agreement: empathy exact {agree['empathy']['exact']:.0%}, Spearman {agree['empathy']['spearman'] or float('nan'):.2f}; "
         f"helpfulness exact {agree['helpfulness']['exact']:.0%}, Spearman {agree['helpfulness']['spearman'] or float('nan'):.2f}.", "",
         "Raters' gap: mean |target - the raters' mean of 1 + 4 s / 6| (s = mechanism total); a constant reply's best gap on "
-        f"these turns: {summary['constant_gap']:.2f}. Helpfulness 1-5 (the raters' mean; the helpfulness scorer's). "
+        f"these turns: {summary['constant_gap']:.2f} (targets: low {LEVEL_TARGET['low']:.2f}, medium {LEVEL_TARGET['medium']:.2f}, "
+        f"high {LEVEL_TARGET['high']:.2f}). Helpfulness 1-5 (the raters' mean; the helpfulness scorer's). "
         "Intervals: 95%, resampling each system's replies.", "",
-        "| system | replies | raters' helpfulness | helpfulness scorer | raters' empathy | raters' gap | "
+        "| system | replies | raters' helpfulness | helpfulness scorer | raters' empathy | at low / medium / high turns | raters' gap | "
         + " | ".join(f"{n} gap" for n in scorer_names) + " |",
-        "|---" * (6 + len(scorer_names)) + "|",
+        "|---" * (7 + len(scorer_names)) + "|",
     ]
     def ci(value: list[float]) -> str:
         return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
 
     for system, e in summary["systems"].items():
+        by_level = " / ".join("-" if v is None else f"{v:.2f}" for v in e["raters_by_level"].values())
         lines.append(f"| {system} | {e['n']} | {ci(e['raters_helpfulness'])} | {e['helpfulness_scorer']:.2f} | {e['raters_empathy']:.2f} | "
-                     f"{ci(e['raters_gap'])} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
+                     f"{by_level} | {ci(e['raters_gap'])} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -166,6 +166,11 @@ def test_from_run_samples_a_finished_evaluation_without_playing(tmp_path, monkey
     assert len(items) == 2 * 2 and {k["system"] for k in keys} == {"gated"}
     for item, key in zip(items, keys):
         assert item["reply"] == f"gated {key['dialogue_id']} reply {key['turn']}" and "system" not in item
+    devset.main([*common, "--same-turns", "--systems", "base,gated"])
+    turns = {(k["system"], k["dialogue_id"]): [] for k in read_jsonl(tmp_path / "sample" / "replies_key.jsonl")}
+    for k in read_jsonl(tmp_path / "sample" / "replies_key.jsonl"):
+        turns[(k["system"], k["dialogue_id"])].append(k["turn"])
+    assert all(sorted(turns[("base", d)]) == sorted(turns[("gated", d)]) for d in ("d0", "d1"))
     with pytest.raises(ValueError, match="no rollouts of external"):
         devset.main([*common, "--systems", "external"])
     with pytest.raises(ValueError, match="played 8 turns"):

@@ -41,4 +41,5 @@ def test_raters_gap_helpfulness_and_agreement_per_system(tmp_path):
     assert summary["agreement"]["empathy"]["exact"] == 1.0 and summary["agreement"]["helpfulness"]["exact"] == 0.5
     assert summary["constant_gap"] == pytest.approx(abs(LEVEL_TARGET["high"] - LEVEL_TARGET["low"]) / 2, abs=0.01)
     assert list(summary["systems"]) == ["gated", "base"]  # the run's order
-    assert "| gated | 2 | 1.00 [1.00, 1.00] |" in (tmp_path / "rated_sample.md").read_text() and "lexical_gap" in gated
+    assert base["raters_by_level"] == {"low": 1.0, "medium": None, "high": pytest.approx(reference(5))}
+    assert "| gated | 2 | 1.00 [1.00, 1.00] | " in (tmp_path / "rated_sample.md").read_text() and "lexical_gap" in gated
