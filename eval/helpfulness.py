@@ -159,7 +159,8 @@ class HelpfulnessScorer:
             responses: the replies.
             contexts: their contexts as message lists.
         """
-        torch = self.embedder._torch
+        import torch
+
         sentences, owners = [], []
         for i, response in enumerate(responses):
             parts = distinct_sentences(response) or [response.strip()]
