@@ -17,7 +17,7 @@ from moe_empathy.eval.validate_scorers import validate_scorers
 from moe_empathy.train.phrases import load_phrases
 
 EVAL_DIR = Path(eval_pkg.__file__).parent
-SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py", "calibration.py"]
+SCORER_MODULES = ["scoring.py", "scorers.py", "lexical.py", "embedding.py", "judge.py", "validate_scorers.py", "calibration.py", "helpfulness.py", "rated_sample.py"]
 # what the scorers may take from train, neither holding any phrasing: the shared names of levels
 # and mechanisms, and the chat-model loader (the judge's)
 FROM_TRAIN = ("moe_empathy.train.taxonomy", "moe_empathy.train.chat_model")
