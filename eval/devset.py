@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the raters' file (.jsonl); the key and the run's settings go beside it as <name>_key.jsonl and <name>_settings.json")
     parser.add_argument("--key", default=None, help="the key file (default: beside --out, <name>_key.jsonl)")
     parser.add_argument("--model", default=None, help="gated model folder (default: the shipped checkpoint)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=None, help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all; with --from-run, the run's)")
     parser.add_argument("--single-lora", default=None, help="peft adapter folder of the single-LoRA baseline (default: MODEL/baselines/single_lora)")
     parser.add_argument("--experts-dir", default=None, help="per-level peft adapters for `external` (default: MODEL/baselines/per_level, else the gated model's own experts)")
     parser.add_argument("--per-task", type=int, default=1, help="dialogues of each of the eight tasks")
@@ -313,12 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sampled_run(folder: str, names: list[str], ranges: list[tuple[int, int]]) -> tuple[dict[str, list[DialogueRollout]], dict]:
+def sampled_run(folder: str, names: list[str] | None, ranges: list[tuple[int, int]]) -> tuple[dict[str, list[DialogueRollout]], dict]:
     """The rollouts of a finished evaluation run, for the systems asked for.
 
     Args:
         folder: the run's output folder.
-        names: the systems to sample (each must be in the run).
+        names: the systems to sample (each must be in the run), or None for all of the run's.
         ranges: the turn ranges to draw from (checked against the run's turns).
 
     Returns:
@@ -327,6 +327,7 @@ def sampled_run(folder: str, names: list[str], ranges: list[tuple[int, int]]) ->
     from .cli import read_run
 
     metrics, rollouts = read_run(folder)
+    names = list(rollouts) if names is None else names
     missing = [n for n in names if n not in rollouts]
     if missing:
         raise ValueError(f"{folder} has no rollouts of {', '.join(missing)} (it has {', '.join(rollouts)}); pass --systems among those")
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     key_path = Path(args.key) if args.key else out.with_name(f"{out.stem}_key.jsonl")
     settings_path = out.with_name(f"{out.stem}_settings.json")
-    names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()])
+    names = check_system_names([n.strip() for n in args.systems.split(",") if n.strip()]) if args.systems else None
     ranges = parse_ranges(args.ranges)
     counts = parse_counts(args.per_range, len(ranges))
     if args.append:
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.from_run:
         rollouts, played = sampled_run(args.from_run, names, ranges)
     else:
-        rollouts, played = play_dialogues(args, names, ranges, console)
+        rollouts, played = play_dialogues(args, names or list(SYSTEMS), ranges, console)
     pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed, args.same_turns)
     kept = deduplicate(pairs, args.min_replies)
     settings = {**played, "seed": args.seed, "ranges": args.ranges, "per_range": counts, "same_turns": args.same_turns, "context_messages": args.context_messages,

@@ -175,3 +175,4 @@ def test_from_run_samples_a_finished_evaluation_without_playing(tmp_path, monkey
         devset.main([*common, "--systems", "external"])
     with pytest.raises(ValueError, match="played 8 turns"):
         devset.main(["--out", str(out), "--from-run", str(run), "--ranges", "1-3,9-12", "--systems", "base"])
+    assert set(devset.main(common)["systems"]) == {"base", "gated"}  # the run's systems by default
