@@ -57,7 +57,7 @@ def test_reference_gaps_match_brute_force_and_the_report_says_who_does_not_beat_
     report = render_report({"settings": settings, "targets": [], "scorers": {"s": metrics}, "references": refs})
     assert "`flat` does **not** beat the constant-reply reference" in report
     assert "`good` beats the constant-reply reference" in report
-    assert "Helpfulness is not scored" in report
+    assert "## Replies that stop helping" in report
 
 
 def _record(task, users):
