@@ -189,6 +189,19 @@ def rater_agreement(folders: dict[str, dict]) -> list[dict]:
     return pairs
 
 
+def distinct_rated(folders: dict[str, dict]) -> list[tuple[dict, list[dict]]]:
+    """Every distinct rated reply (in prompt and text order) with all its raters' ratings.
+
+    Args:
+        folders: rater name -> :func:`rated_replies`.
+    """
+    merged: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
+    for replies in folders.values():
+        for key, (item, rating) in replies.items():
+            merged.setdefault(key, (item, []))[1].append(rating)
+    return [merged[k] for k in sorted(merged)]
+
+
 def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
     """A scorer against the raters' mean reference over every distinct rated reply.
 
@@ -196,14 +209,9 @@ def scorer_agreement(folders: dict[str, dict], scorer) -> dict:
         folders: rater name -> :func:`rated_replies`.
         scorer: a scorer (:func:`~.scorers.get_scorer`).
     """
-    merged: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
-    for replies in folders.values():
-        for key, (item, rating) in replies.items():
-            merged.setdefault(key, (item, []))[1].append(rating)
-    keys = sorted(merged)
-    items = [merged[k][0] for k in keys]
-    scores = [s.score for s in scorer.score([i["reply"] for i in items], [[{"role": "user", "content": i["user"]}] for i in items])]
-    refs = [statistics.fmean(reference(r) for r in merged[k][1]) for k in keys]
+    rated = distinct_rated(folders)
+    scores = [s.score for s in scorer.score([i["reply"] for i, _ in rated], [[{"role": "user", "content": i["user"]}] for i, _ in rated])]
+    refs = [statistics.fmean(reference(r) for r in ratings) for _, ratings in rated]
     return agreement_with(scores, refs)
 
 
@@ -218,15 +226,11 @@ def helpfulness_agreement(folders: dict[str, dict]) -> dict:
     """
     from .helpfulness import HelpfulnessScorer
 
-    merged: dict[tuple[str, str], tuple[dict, list[float]]] = {}
-    for replies in folders.values():
-        for key, (item, rating) in replies.items():
-            merged.setdefault(key, (item, []))[1].append(rating["helpfulness"])
-    keys = sorted(merged)
-    people = np.array([statistics.fmean(merged[k][1]) for k in keys])
-    scores = np.array(HelpfulnessScorer().score([merged[k][0]["reply"] for k in keys], [merged[k][0]["user"] for k in keys]))
+    rated = distinct_rated(folders)
+    people = np.array([statistics.fmean(r["helpfulness"] for r in ratings) for _, ratings in rated])
+    scores = np.array(HelpfulnessScorer().score([i["reply"] for i, _ in rated], [i["user"] for i, _ in rated]))
     return {"spearman": spearman(people, scores), "mae": float(np.abs(scores - people).mean()),
-            "constant_mae": float(np.abs(np.median(people) - people).mean()), "n": len(keys)}
+            "constant_mae": float(np.abs(np.median(people) - people).mean()), "n": len(rated)}
 
 
 def main(argv: list[str] | None = None) -> int:

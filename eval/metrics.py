@@ -141,6 +141,7 @@ def build_table(rollouts: dict[str, list[DialogueRollout]], scores: dict[str, li
     for d, r in enumerate(reference):
         targets[d, : len(r.levels)] = [LEVEL_TARGET[level] for level in r.levels]
         labels[d, : len(r.levels)] = [expert_names.index(level) for level in r.levels]
+
     def matrix(rows: list[list[float]]) -> np.ndarray:  # [D, T], NaN past a dialogue's end
         values = np.full((num, width), np.nan)
         for d, row in enumerate(rows):

@@ -83,6 +83,7 @@ class OwnReplies:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m moe_empathy.eval.own_replies``: plays, then warms the gate up again."""
     parser = build_parser("moe_empathy.eval.own_replies", __doc__.split("\n")[0])
     parser.add_argument("--reply-tokens", type=int, default=32, help="reply cap while playing (default 32, the evaluation's)")
     parser.add_argument("--batch-size", type=int, default=24, help="dialogues played together (default 24)")

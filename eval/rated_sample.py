@@ -22,23 +22,24 @@ from moe_empathy.utils import atomic_write_text, read_jsonl
 
 from .calibration import RATERS, load_rated_devset
 from .helpfulness import HelpfulnessScorer
+from .references import best_constant
 from .scorers import get_scorer
+from .stats import bootstrap
 from .validate_scorers import spearman
 
 REPORT = "rated_sample.md"
 
 
 def mean_ci(values: np.ndarray, samples: int = 1000, seed: int = 0) -> list[float]:
-    """``[mean, low, high]``: the mean and its 95% interval, resampling the replies.
+    """``[mean, low, high]``: the mean and its 95% interval, resampling the replies (:func:`~.stats.bootstrap`).
 
     Args:
         values: ``[n]`` one value per reply.
         samples: bootstrap resamples.
         seed: the resampling seed.
     """
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)  # [samples]
-    return [float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    interval = bootstrap(lambda idx: values[idx].mean(1), np.arange(len(values)), samples, seed)
+    return [interval["value"], interval["ci_low"], interval["ci_high"]]
 
 
 def rater_agreement(folder: Path) -> dict:
@@ -75,8 +76,7 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
     replies, contexts = [i.reply for i in items], [i.context for i in items]
     helpfulness = np.array(HelpfulnessScorer().score(replies, contexts))
     scored = {name: np.array([s.score for s in get_scorer(name).score(replies, contexts)]) for name in scorer_names}
-    # the best single fixed score on these turns: the gap a constant reply would reach
-    constant = float(min(np.abs(targets - c).mean() for c in np.linspace(1, 5, 401)))
+    _, constant = best_constant(targets)  # the gap a constant reply would reach on these turns
     settings = json.loads((folder / "replies_settings.json").read_text())
     rated_help = np.array([i.helpfulness for i in items])
     levels = np.array([i.level for i in items])
