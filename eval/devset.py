@@ -15,7 +15,9 @@ replies are kept, drawn from early and late turns. Three files are written:
   a list, one entry per batch, once ``--append`` has added a batch.
 
 Replies are shuffled with a fixed seed, so systems and tasks are interleaved; identical
-(context, user message, reply) items are dropped only while at least ``--min-replies`` remain.
+(context, user message, reply) items are dropped only while at least ``--min-replies`` remain, and
+items already in another rated set (``--exclude``) are always dropped, so that a set kept for
+testing is never rated again for fitting.
 
 ``python -m moe_empathy.eval.devset --out eval/data/rating/replies.jsonl`` (from the repository
 root, ``python -m eval.devset`` works too); ``--help`` lists the settings.
@@ -208,6 +210,23 @@ def deduplicate(pairs: list[tuple[dict, dict]], minimum: int) -> list[tuple[dict
     return [pair for i, pair in enumerate(pairs) if i not in drop]
 
 
+def rated_identities(paths: list[str]) -> set[str]:
+    """The items of other raters' files, to leave out of a new set (:func:`_identity` of each).
+
+    Args:
+        paths: ``replies.jsonl`` files of other rated sets.
+
+    Raises:
+        FileNotFoundError: when a file does not exist.
+    """
+    rated = set()
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--exclude {path}: no such file; pass the replies.jsonl of a rated set")
+        rated.update(_identity(row) for row in read_jsonl(path))
+    return rated
+
+
 def shuffle_and_number(pairs: list[tuple[dict, dict]], seed: int, first: int = 1) -> tuple[list[dict], list[dict]]:
     """Shuffles the pairs with a fixed seed and gives each an id (``r001``...) in the new order.
 
@@ -305,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=40, help="dialogues generated together")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=DEVSET_SEED, help="seed of the synthesised test-split dialogues, the turn draws and the shuffle")
+    parser.add_argument("--exclude", default="", help="comma-separated replies.jsonl files of other rated sets: their items are never drawn again")
     parser.add_argument("--append", action="store_true", help="add a batch to the set in --out (ids continue after its last one) instead of writing a new set")
     parser.add_argument("--same-turns", action="store_true", help="rate every system on the same turns of each dialogue (paired; default: each system draws its own)")
     parser.add_argument("--from-run", default=None,
@@ -403,14 +423,17 @@ def main(argv: list[str] | None = None) -> dict:
     counts = parse_counts(args.per_range, len(ranges))
     if args.append:
         check_appendable(out, key_path)
+    excluded = [p for p in args.exclude.split(",") if p]
+    rated = rated_identities(excluded)
     if args.from_run:
         rollouts, played = sampled_run(args.from_run, names, ranges)
     else:
         rollouts, played = play_dialogues(args, names or list(SYSTEMS), ranges, console)
     pairs = sample_replies(rollouts, ranges, counts, args.context_messages, args.seed, args.same_turns)
-    kept = deduplicate(pairs, args.min_replies)
+    fresh = [pair for pair in pairs if _identity(pair[0]) not in rated]
+    kept = deduplicate(fresh, args.min_replies)
     settings = {**played, "seed": args.seed, "ranges": args.ranges, "per_range": counts, "same_turns": args.same_turns, "context_messages": args.context_messages,
-                "sampled": len(pairs), "kept": len(kept)}
+                "exclude": [_portable(p) for p in excluded], "sampled": len(pairs), "excluded": len(pairs) - len(fresh), "kept": len(kept)}
     items = write_batch(out, key_path, settings_path, kept, settings, args.seed, args.append)
     console.print(f"sampled {len(pairs)} replies, kept {len(items)} ({items[0]['id']}-{items[-1]['id']})")
     console.print(f"wrote {out}, {key_path} and {settings_path}")

@@ -176,3 +176,28 @@ def test_from_run_samples_a_finished_evaluation_without_playing(tmp_path, monkey
     with pytest.raises(ValueError, match="played 8 turns"):
         devset.main(["--out", str(out), "--from-run", str(run), "--ranges", "1-3,9-12", "--systems", "base"])
     assert set(devset.main(common)["systems"]) == {"base", "gated"}  # the run's systems by default
+
+
+def test_exclude_leaves_out_the_items_of_another_rated_set(tmp_path, monkeypatch):
+    import dataclasses
+
+    import moe_empathy.eval.devset as devset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {"model": "m", "systems": {"gated": "the gate"}, "split": "test", "dialogues": 2, "turns": 8, "max_new_tokens": 32}
+    (run / "metrics.json").write_text(json.dumps({"settings": settings}))
+    write_jsonl(run / "rollouts.jsonl", [dataclasses.asdict(_rollout("gated", f"d{i}", 8, gate=True)) for i in range(2)])
+    common = ["--from-run", str(run), "--ranges", "1-8", "--per-range", "3", "--min-replies", "1", "--seed", "5"]
+    first = tmp_path / "first" / "replies.jsonl"
+    first.parent.mkdir()
+    devset.main(["--out", str(first), *common, "--per-range", "2"])
+    second = tmp_path / "second" / "replies.jsonl"
+    second.parent.mkdir()
+    written = devset.main(["--out", str(second), *common, "--exclude", str(first)])
+    old = {(r["reply"], r["user"]) for r in read_jsonl(first)}
+    new = {(r["reply"], r["user"]) for r in read_jsonl(second)}
+    assert not old & new  # a reply rated once is never drawn again
+    assert written["sampled"] == 6 and written["kept"] == 6 - written["excluded"] and written["excluded"] >= 1
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        devset.main(["--out", str(second), *common, "--exclude", str(tmp_path / "missing.jsonl")])
