@@ -4,14 +4,15 @@ A scorer's raw score ranks replies; the gap of the evaluation also needs its *le
 agree with people. Each scorer's raw score is mapped through an isotonic (monotone
 non-decreasing, piecewise-linear) curve fitted on rated replies:
 
-* the fit part of the rated development set (``eval/data/rating``: model-written replies,
-  two independent raters), fixed, seeded and stratified by system (:func:`split_devset`);
-  the rest is held out for the validation report (:mod:`.validate_scorers`);
+* the fit parts of the rated sets of model-written replies (``eval/data/rating``: earlier
+  checkpoints; ``eval/data/rating_recent``: the v8 and the shipped checkpoint; two independent
+  raters each), each split on its own, fixed, seeded and stratified by system
+  (:func:`split_items`); the rest is held out for the validation report (:mod:`.validate_scorers`);
 * the fit part of the hand-labelled set (``eval/data/hand_labelled.jsonl``, split the same
   way, stratified by label), because model-written replies rarely show much empathy: few
   rated replies lie above 3, and a curve fitted on them alone could never reach the high band.
-  The two sets weigh half each in the fit, so the many low-end model replies do not drown
-  the few hand-labelled ones that span the scale.
+  Model-written and hand-labelled replies weigh half each in the fit, so the many low-end model
+  replies do not drown the few hand-labelled ones that span the scale.
 
 The target of a reply is the raters' mean of ``1 + 4 s / 6`` (``s``: a rater's total of the
 three mechanism strengths, :func:`~moe_empathy.train.taxonomy.total_to_score`), which is the
@@ -265,15 +266,40 @@ class CalibratedScorer(Scorer):
         return [EmpathyScore(score=float(c), mechanisms=s.mechanisms) for s, c in zip(scores, calibrated)]
 
 
-def fit_items(config: SplitConfig = SplitConfig()) -> tuple[list[RatedReply], list[RatedReply], list[RatedReply], list[RatedReply]]:
-    """The packaged rated sets split for calibration.
+# The packaged sets of model-written replies, each rated by two raters and split on its own (so
+# adding a set never moves another set's held-out part).
+RATING_SETS = {"devset": "data/rating", "recent": "data/rating_recent"}
 
-    Returns:
-        ``(devset fit, devset held-out, hand fit, hand held-out)``.
+
+@dataclass(frozen=True)
+class RatedSplits:
+    """The packaged rated sets, each split into a fit part and a held-out part.
+
+    Attributes:
+        fit: set name -> fit part (``devset``, ``recent``: model-written; ``hand``: hand-labelled).
+        heldout: set name -> held-out part, the same names.
     """
-    dev_fit, dev_held = split_items(load_rated_devset(), config)
-    hand_fit, hand_held = split_items(load_hand_items(), SplitConfig(0.5, config.seed))
-    return dev_fit, dev_held, hand_fit, hand_held
+
+    fit: dict[str, list[RatedReply]]
+    heldout: dict[str, list[RatedReply]]
+
+    def model_written(self, part: str) -> list[RatedReply]:
+        """The model-written sets' items of one part (``"fit"`` or ``"heldout"``), set after set."""
+        return [i for name in RATING_SETS for i in getattr(self, part)[name]]
+
+
+def fit_items(config: SplitConfig = SplitConfig()) -> RatedSplits:
+    """The packaged rated sets split for calibration: every set of model-written replies
+    (:data:`RATING_SETS`) with ``config``, the hand-labelled set half and half.
+
+    Args:
+        config: the split.
+    """
+    fit, heldout = {}, {}
+    for name, folder in RATING_SETS.items():
+        fit[name], heldout[name] = split_items(load_rated_devset(_package_data(folder)), config)
+    fit["hand"], heldout["hand"] = split_items(load_hand_items(), SplitConfig(0.5, config.seed))
+    return RatedSplits(fit=fit, heldout=heldout)
 
 
 def raw_scores(scorer: Scorer, items: list[RatedReply]) -> np.ndarray:
@@ -288,7 +314,7 @@ def raw_scores(scorer: Scorer, items: list[RatedReply]) -> np.ndarray:
 
 
 def fit_calibration(scorer: Scorer, config: SplitConfig = SplitConfig()) -> dict:
-    """Fits one scorer's curve on the fit parts of both rated sets.
+    """Fits one scorer's curve on the fit parts of the rated sets.
 
     Args:
         scorer: an uncalibrated scorer.
@@ -297,11 +323,13 @@ def fit_calibration(scorer: Scorer, config: SplitConfig = SplitConfig()) -> dict
     Returns:
         The entry stored in the calibration file.
     """
-    dev_fit, _, hand_fit, _ = fit_items(config)
-    items = dev_fit + hand_fit
-    # Each set gets half of the fit's weight: the model-written replies are many but almost all
-    # at the low end, and only the hand-labelled ones reach the upper part of the scale.
-    weight = [0.5 / len(dev_fit)] * len(dev_fit) + [0.5 / len(hand_fit)] * len(hand_fit)
-    curve = IsotonicCurve.fit(raw_scores(scorer, items), [i.reference for i in items], weight)
-    return {"x": curve.x, "y": curve.y, "target": "raters' mean of 1 + 4 s / 6", "fitted_on": {"devset": len(dev_fit), "hand_labelled": len(hand_fit)},
+    splits = fit_items(config)
+    model, hand = splits.model_written("fit"), splits.fit["hand"]
+    # The model-written and the hand-labelled replies get half of the fit's weight each: the
+    # model-written ones are many but almost all at the low end, and only the hand-labelled
+    # ones reach the upper part of the scale.
+    weight = [0.5 / len(model)] * len(model) + [0.5 / len(hand)] * len(hand)
+    curve = IsotonicCurve.fit(raw_scores(scorer, model + hand), [i.reference for i in model + hand], weight)
+    return {"x": curve.x, "y": curve.y, "target": "raters' mean of 1 + 4 s / 6",
+            "fitted_on": {**{name: len(splits.fit[name]) for name in RATING_SETS}, "hand_labelled": len(hand)},
             "split": {"heldout_fraction": config.heldout_fraction, "seed": config.seed}}

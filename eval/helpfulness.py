@@ -12,7 +12,7 @@ three things the rubric names, with the embedding scorer's MiniLM (:mod:`.embedd
   its sentences copied from an earlier assistant message of the context.
 
 ``raw = 1 + 4 * max over sentences (p_useful * relevance) * distinct-2 * (1 - copied share)``,
-then an isotonic curve fitted on the rating set's fit part maps it to the raters' helpfulness
+then an isotonic curve fitted on the rating sets' fit parts maps it to the raters' helpfulness
 (:func:`fit_helpfulness_curve`; stored in ``eval/data/calibration.jsonl`` under ``helpfulness``).
 Its agreement with the raters is in ``eval/README.md``; it is a coarse signal (the raters agree
 with each other far better), meant to show a system whose replies stop helping, not to rank
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import IsotonicCurve, SplitConfig, calibration_path, load_curves, load_rated_devset, split_items
+from .calibration import RATING_SETS, IsotonicCurve, SplitConfig, calibration_path, fit_items, load_curves
 from .embedding import EmbeddingScorer, distinct_sentences
 from .scoring import check_inputs
 
@@ -185,8 +185,8 @@ class HelpfulnessScorer:
 
 
 def fit_helpfulness_curve(scorer: HelpfulnessScorer, config: SplitConfig = SplitConfig()) -> dict:
-    """Fits the isotonic curve from raw scores to the raters' mean helpfulness on the rating
-    set's fit part (the same fixed split as the empathy curves).
+    """Fits the isotonic curve from raw scores to the raters' mean helpfulness on the fit parts
+    of the sets of model-written replies (the same fixed split as the empathy curves).
 
     Args:
         scorer: a helpfulness scorer (its raw scores are used, calibrated or not).
@@ -195,8 +195,9 @@ def fit_helpfulness_curve(scorer: HelpfulnessScorer, config: SplitConfig = Split
     Returns:
         The entry stored in the calibration file.
     """
-    fit, _ = split_items(load_rated_devset(), config)
+    splits = fit_items(config)
+    fit = splits.model_written("fit")
     raw = scorer.raw_scores([i.reply for i in fit], [i.context for i in fit])
     curve = IsotonicCurve.fit(raw, [i.helpfulness for i in fit])
-    return {"x": curve.x, "y": curve.y, "target": "raters' mean helpfulness (1-5)", "fitted_on": {"devset": len(fit)},
+    return {"x": curve.x, "y": curve.y, "target": "raters' mean helpfulness (1-5)", "fitted_on": {name: len(splits.fit[name]) for name in RATING_SETS},
             "split": {"heldout_fraction": config.heldout_fraction, "seed": config.seed}}

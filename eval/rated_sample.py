@@ -25,7 +25,7 @@ from .helpfulness import HelpfulnessScorer
 from .references import best_constant
 from .scorers import get_scorer
 from .stats import bootstrap
-from .validate_scorers import spearman
+from .validate_scorers import agreement_with, spearman
 
 REPORT = "rated_sample.md"
 
@@ -66,8 +66,9 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
 
     Returns:
         ``{"n", "agreement", "constant_gap", "systems": {system: {"n", "raters_helpfulness",
-        "helpfulness_scorer", "raters_gap", "raters_empathy", "raters_by_level", "<scorer>_gap"}}}``; the raters' helpfulness
-        and gap as ``[mean, low, high]`` (95% interval over the system's replies).
+        "helpfulness_scorer", "raters_gap", "raters_empathy", "raters_by_level", "<scorer>_gap"}}, "scorer_agreement"}``; the
+        raters' helpfulness and gap as ``[mean, low, high]`` (95% interval over the system's replies); per scorer, its
+        agreement with the raters reply by reply (Spearman, MAE, band agreement for the empathy scorers, and the MAE of the raters' median as a constant).
     """
     folder = Path(folder)
     items = load_rated_devset(folder)
@@ -94,7 +95,14 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
         for name, scores in scored.items():
             entry[f"{name}_gap"] = float(np.abs(targets[rows] - scores[rows]).mean())
         systems[system] = entry
-    return {"n": len(items), "agreement": rater_agreement(folder), "constant_gap": constant, "systems": systems, "settings": settings}
+    # How far each scorer agrees with the raters reply by reply (these replies were never fitted).
+    scorers = {name: {**agreement_with(scores, people), "constant_mae": float(np.abs(np.median(people) - people).mean())}
+               for name, scores in scored.items()}
+    help_constant = float(np.median(rated_help))
+    scorers["helpfulness"] = {"spearman": spearman(rated_help, helpfulness), "mae": float(np.abs(helpfulness - rated_help).mean()),
+                              "constant_mae": float(np.abs(help_constant - rated_help).mean()), "n": len(items)}
+    return {"n": len(items), "agreement": rater_agreement(folder), "scorer_agreement": scorers, "constant_gap": constant,
+            "systems": systems, "settings": settings}
 
 
 def render(summary: dict, scorer_names: list[str]) -> str:
@@ -124,6 +132,11 @@ def render(summary: dict, scorer_names: list[str]) -> str:
         by_level = " / ".join("-" if v is None else f"{v:.2f}" for v in e["raters_by_level"].values())
         lines.append(f"| {system} | {e['n']} | {ci(e['raters_helpfulness'])} | {e['helpfulness_scorer']:.2f} | {e['raters_empathy']:.2f} | "
                      f"{by_level} | {ci(e['raters_gap'])} | " + " | ".join(f"{e[f'{n}_gap']:.2f}" for n in scorer_names) + " |")
+    lines += ["", "Each scorer against the raters, reply by reply (calibrated; these replies were never fitted):", "",
+              "| scorer | Spearman | MAE | band agreement | MAE of the raters' median as a constant |", "|---|---|---|---|---|"]
+    for name, a in summary["scorer_agreement"].items():
+        band = f"{a['band_agreement']:.0%}" if "band_agreement" in a else "-"
+        lines.append(f"| {name} | {a['spearman'] or float('nan'):.2f} | {a['mae']:.2f} | {band} | {a['constant_mae']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

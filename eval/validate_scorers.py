@@ -1,11 +1,12 @@
 """Validation of the scorers against people's ratings, before and after calibration.
 
-Two rated sets (:mod:`.calibration` loads and splits them; the split is fixed and seeded):
+Three rated sets (:mod:`.calibration` loads and splits them; the split is fixed and seeded):
 
-* the rating development set (``eval/data/rating``): model-written replies of the five
-  systems, rated by two raters; its held-out part (40%, stratified by system) is the main
-  test. Most replies show little empathy (raters' mean at most 2.33 for all but a few), so
-  it tests the low end of the scale;
+* two sets of model-written replies, each rated by two raters and held out 40% (stratified by
+  system): ``devset`` (``eval/data/rating``, earlier checkpoints) and ``recent``
+  (``eval/data/rating_recent``, the v8 and the shipped checkpoint); their held-out parts
+  together (``model_heldout``) are the main test. Most replies show little empathy (raters'
+  mean at most 2.33 for all but a few), so they test the low end of the scale;
 * the hand-labelled set (``eval/data/hand_labelled.jsonl``): replies written by hand across
   the whole scale; its held-out half (stratified by label) is reported separately.
 
@@ -27,7 +28,7 @@ import numpy as np
 from moe_empathy.train.taxonomy import LEVEL_BAND, LEVELS
 from moe_empathy.utils import atomic_write_text
 
-from .calibration import CalibratedScorer, RatedReply, SplitConfig, fit_items, raw_scores
+from .calibration import RATING_SETS, CalibratedScorer, RatedReply, SplitConfig, fit_items, raw_scores
 from .helpfulness import HelpfulnessScorer
 from .scorers import SCORERS, get_scorer
 
@@ -102,9 +103,10 @@ def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None 
         ``{"sets": {set: {"n", "constant", "raters": order}}, "scorers": {name: {set: {"raw", "calibrated",
         "order_raw", "order_calibrated"}, "seconds"}}}``.
     """
-    dev_fit, dev_held, hand_fit, hand_held = fit_items(config)
-    constant = float(np.median([i.reference for i in dev_fit + hand_fit]))
-    sets = {"devset_heldout": dev_held, "hand_heldout": hand_held}
+    splits = fit_items(config)
+    constant = float(np.median([i.reference for i in splits.model_written("fit") + splits.fit["hand"]]))
+    sets = {**{f"{name}_heldout": splits.heldout[name] for name in RATING_SETS},
+            "model_heldout": splits.model_written("heldout"), "hand_heldout": splits.heldout["hand"]}
     report = {"constant_value": constant, "sets": {}, "scorers": {}}
     for set_name, items in sets.items():
         reference = [i.reference for i in items]
@@ -126,7 +128,8 @@ def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None 
 
 
 def validate_helpfulness(config: SplitConfig = SplitConfig()) -> dict:
-    """The helpfulness scorer against the raters' mean helpfulness on the rating set's held-out part.
+    """The helpfulness scorer against the raters' mean helpfulness on the held-out parts of the
+    sets of model-written replies.
 
     Args:
         config: the split (the one the stored curve was fitted with).
@@ -135,20 +138,21 @@ def validate_helpfulness(config: SplitConfig = SplitConfig()) -> dict:
         ``{"n", "constant_value", "constant", "raw", "calibrated", "by_system"}``: agreement as
         ``{"spearman", "mae", "n"}``, and per system the raters' and the calibrated scorer's mean.
     """
-    dev_fit, dev_held, _, _ = fit_items(config)
+    splits = fit_items(config)
+    fit, heldout = splits.model_written("fit"), splits.model_written("heldout")
     scorer = HelpfulnessScorer()
-    raw = scorer.raw_scores([i.reply for i in dev_held], [i.context for i in dev_held])
+    raw = scorer.raw_scores([i.reply for i in heldout], [i.context for i in heldout])
     calibrated = scorer.curve(raw)
-    people = np.array([i.helpfulness for i in dev_held])
-    constant = float(np.median([i.helpfulness for i in dev_fit]))
+    people = np.array([i.helpfulness for i in heldout])
+    constant = float(np.median([i.helpfulness for i in fit]))
 
     def agree(predictions) -> dict:
         return {"spearman": spearman(people, predictions), "mae": float(np.abs(np.asarray(predictions) - people).mean()), "n": len(people)}
 
-    systems = sorted({i.system for i in dev_held})
-    by_system = {name: {"raters": float(people[[i.system == name for i in dev_held]].mean()),
-                        "scorer": float(calibrated[[i.system == name for i in dev_held]].mean())} for name in systems}
-    return {"n": len(dev_held), "constant_value": constant, "constant": agree([constant] * len(people)),
+    systems = sorted({i.system for i in heldout})
+    by_system = {name: {"raters": float(people[[i.system == name for i in heldout]].mean()),
+                        "scorer": float(calibrated[[i.system == name for i in heldout]].mean())} for name in systems}
+    return {"n": len(heldout), "constant_value": constant, "constant": agree([constant] * len(people)),
             "raw": agree(raw), "calibrated": agree(calibrated), "by_system": by_system}
 
 
@@ -159,7 +163,7 @@ def render_helpfulness(report: dict) -> str:
         report: its output.
     """
     rows = [(f"constant {report['constant_value']:.2f}", report["constant"], report["constant"]), ("helpfulness", report["raw"], report["calibrated"])]
-    lines = [f"helpfulness, devset_heldout (n = {report['n']})", "", "| scorer | Spearman raw | Spearman cal. | MAE raw | MAE cal. |", "|---|---|---|---|---|"]
+    lines = [f"helpfulness, model_heldout (n = {report['n']})", "", "| scorer | Spearman raw | Spearman cal. | MAE raw | MAE cal. |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(raw['spearman'], '.3f')} | {_fmt(cal['spearman'], '.3f')} | {raw['mae']:.2f} | {cal['mae']:.2f} |" for name, raw, cal in rows]
     lines += ["", "| system | raters' mean | scorer's mean (cal.) |", "|---|---|---|"]
     lines += [f"| {name} | {v['raters']:.2f} | {v['scorer']:.2f} |" for name, v in report["by_system"].items()]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_empathy.eval.calibration import (
-    CalibratedScorer, IsotonicCurve, RatedReply, SplitConfig, calibration_path, fit_items, load_curves,
+    RATING_SETS, CalibratedScorer, IsotonicCurve, RatedReply, SplitConfig, calibration_path, fit_items, load_curves,
     load_rated_devset, split_items,
 )
 from moe_empathy.eval.scoring import EmpathyScore, Scorer
@@ -68,25 +68,31 @@ def test_split_is_fixed_disjoint_and_stratified():
 
 
 def test_packaged_split_and_reference():
-    devset = load_rated_devset()
-    assert len(devset) >= 300 and len({i.stratum for i in devset}) == 5
-    dev_fit, dev_held, hand_fit, hand_held = fit_items()
-    assert not {i.id for i in dev_fit} & {i.id for i in dev_held}
-    assert not {i.id for i in hand_fit} & {i.id for i in hand_held}
-    for system in {i.stratum for i in devset}:  # 40% of every system held out
-        assert sum(i.stratum == system for i in dev_held) == round(0.4 * sum(i.stratum == system for i in devset))
-    assert all(1.0 <= i.reference <= 5.0 for i in devset)
+    splits = fit_items()
+    assert set(splits.fit) == set(splits.heldout) == {*RATING_SETS, "hand"}
+    for name, folder in RATING_SETS.items():  # each set of model-written replies is split on its own
+        rated = load_rated_devset(str(calibration_path().parent.parent / folder))
+        assert len(rated) >= 300 and len({i.stratum for i in rated}) == 5
+        fit, held = splits.fit[name], splits.heldout[name]
+        assert not {i.id for i in fit} & {i.id for i in held} and len(fit) + len(held) == len(rated)
+        for system in {i.stratum for i in rated}:  # 40% of every system held out
+            assert sum(i.stratum == system for i in held) == round(0.4 * sum(i.stratum == system for i in rated))
+        assert [i.id for i in split_items(rated)[1]] == [i.id for i in held]
+        assert all(1.0 <= i.reference <= 5.0 for i in rated)
+    assert not {i.id for i in splits.fit["hand"]} & {i.id for i in splits.heldout["hand"]}
+    assert len(splits.model_written("heldout")) == sum(len(splits.heldout[name]) for name in RATING_SETS)
 
 
 def test_stored_curves_are_monotone_and_record_their_fit():
     curves = load_curves()
     assert {"lexical", "embedding"} <= set(curves)
-    sizes = [len(i) for i in fit_items()]
+    splits = fit_items()
+    model = {name: len(splits.fit[name]) for name in RATING_SETS}
     for name, entry in curves.items():
         assert np.all(np.diff(entry["x"]) > 0) and np.all(np.diff(entry["y"]) >= 0)
         assert 1.0 <= entry["y"][0] and entry["y"][-1] <= 5.0
-        # the helpfulness curve reads the rating set alone (the hand-labelled set has no helpfulness)
-        fitted = {"devset": sizes[0]} if name == "helpfulness" else {"devset": sizes[0], "hand_labelled": sizes[2]}
+        # the helpfulness curve reads the model-written sets alone (the hand-labelled set has no helpfulness)
+        fitted = model if name == "helpfulness" else {**model, "hand_labelled": len(splits.fit["hand"])}
         assert entry["fitted_on"] == fitted
     assert calibration_path().name.endswith(".jsonl")  # packaged like the other data files
 

@@ -43,3 +43,10 @@ def test_raters_gap_helpfulness_and_agreement_per_system(tmp_path):
     assert list(summary["systems"]) == ["gated", "base"]  # the run's order
     assert base["raters_by_level"] == {"low": 1.0, "medium": None, "high": pytest.approx(reference(5))}
     assert "| gated | 2 | 1.00 [1.00, 1.00] | " in (tmp_path / "rated_sample.md").read_text() and "lexical_gap" in gated
+    # each scorer against the raters, reply by reply: references 1, 1, 4.33, 1.67 (median 1.33)
+    people = [1.0, 1.0, reference(5), reference(1)]
+    lexical = summary["scorer_agreement"]["lexical"]
+    assert lexical["n"] == 4 and lexical["constant_mae"] == pytest.approx(sum(abs(p - (1 + reference(1)) / 2) for p in people) / 4)
+    helpfulness = summary["scorer_agreement"]["helpfulness"]
+    assert helpfulness["constant_mae"] == pytest.approx((abs(3.5 - 1.25) + 0.25 + 0.25 + 0.25) / 4)  # raters' mean 3.5, 1, 1.5, 1
+    assert "| lexical |" in (tmp_path / "rated_sample.md").read_text()
