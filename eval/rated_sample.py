@@ -68,7 +68,8 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
         ``{"n", "agreement", "constant_gap", "systems": {system: {"n", "raters_helpfulness",
         "helpfulness_scorer", "raters_gap", "raters_empathy", "raters_by_level", "<scorer>_gap"}}, "scorer_agreement"}``; the
         raters' helpfulness and gap as ``[mean, low, high]`` (95% interval over the system's replies); per scorer, its
-        agreement with the raters reply by reply (Spearman, MAE, band agreement for the empathy scorers, and the MAE of the raters' median as a constant).
+        agreement with the raters reply by reply (Spearman, MAE, band agreement for the empathy scorers, and the MAE
+        of the raters' median as a constant).
     """
     folder = Path(folder)
     items = load_rated_devset(folder)
@@ -98,9 +99,8 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
     # How far each scorer agrees with the raters reply by reply (these replies were never fitted).
     scorers = {name: {**agreement_with(scores, people), "constant_mae": float(np.abs(np.median(people) - people).mean())}
                for name, scores in scored.items()}
-    help_constant = float(np.median(rated_help))
     scorers["helpfulness"] = {"spearman": spearman(rated_help, helpfulness), "mae": float(np.abs(helpfulness - rated_help).mean()),
-                              "constant_mae": float(np.abs(help_constant - rated_help).mean()), "n": len(items)}
+                              "constant_mae": float(np.abs(np.median(rated_help) - rated_help).mean()), "n": len(items)}
     return {"n": len(items), "agreement": rater_agreement(folder), "scorer_agreement": scorers, "constant_gap": constant,
             "systems": systems, "settings": settings}
 

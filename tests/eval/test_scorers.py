@@ -95,6 +95,8 @@ def test_validation_report_and_cli(tmp_path, capsys):
     report = validate_scorers(["lexical"])
     lexical = report["scorers"]["lexical"]
     assert lexical["devset_heldout"]["raw"]["n"] == report["sets"]["devset_heldout"]["n"] > 100
+    sets = report["sets"]  # each set of model-written replies, and their held-out parts together
+    assert sets["model_heldout"]["n"] == sets["devset_heldout"]["n"] + sets["recent_heldout"]["n"] and sets["recent_heldout"]["n"] > 100
     assert lexical["hand_heldout"]["raw"]["spearman"] > 0.3  # agrees with the hand labels, far from chance
     # the constant reference has no ranking and one MAE whether "calibrated" or not
     assert report["sets"]["devset_heldout"]["constant"]["spearman"] is None
