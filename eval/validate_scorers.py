@@ -116,9 +116,13 @@ def validate_scorers(names=("lexical", "embedding"), scorer_kwargs: dict | None 
         start = time.perf_counter()
         raw_scorer = get_scorer(name, calibrated=False, **(scorer_kwargs or {}).get(name, {}))
         calibrated = CalibratedScorer(raw_scorer)
+        # each held-out reply is scored once; the model-written sets together reuse their sets' scores,
+        # set after set as ``model_written`` orders them
+        raws = {f"{n}_heldout": raw_scores(raw_scorer, splits.heldout[n]) for n in (*RATING_SETS, "hand")}
+        raws["model_heldout"] = np.concatenate([raws[f"{n}_heldout"] for n in RATING_SETS])
         entry = {}
         for set_name, items in sets.items():
-            raw = raw_scores(raw_scorer, items)
+            raw = raws[set_name]
             after = calibrated.curve(raw)
             entry[set_name] = {"raw": agreement(raw, items), "calibrated": agreement(after, items),
                                "order_raw": forced_order(raw, items), "order_calibrated": forced_order(after, items)}
