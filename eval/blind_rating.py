@@ -33,7 +33,7 @@ from moe_empathy.train.taxonomy import MECHANISMS
 from moe_empathy.utils import atomic_write_text
 
 from .scoring import mechanisms_to_score
-from .validate_scorers import agreement_with, spearman
+from .validate_scorers import agreement_with, helpfulness_agreement_with, spearman
 
 ITEMS, KEY, RATINGS, TABLE = "blind_items.jsonl", "blind_key.jsonl", "blind_ratings.jsonl", "blind_table.md"
 LEVELS = ("low", "medium", "high")
@@ -229,8 +229,7 @@ def helpfulness_agreement(folders: dict[str, dict]) -> dict:
     rated = distinct_rated(folders)
     people = np.array([statistics.fmean(r["helpfulness"] for r in ratings) for _, ratings in rated])
     scores = np.array(HelpfulnessScorer().score([i["reply"] for i, _ in rated], [i["user"] for i, _ in rated]))
-    return {"spearman": spearman(people, scores), "mae": float(np.abs(scores - people).mean()),
-            "constant_mae": float(np.abs(np.median(people) - people).mean()), "n": len(rated)}
+    return helpfulness_agreement_with(scores, people)
 
 
 def main(argv: list[str] | None = None) -> int:

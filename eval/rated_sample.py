@@ -25,7 +25,7 @@ from .helpfulness import HelpfulnessScorer
 from .references import best_constant
 from .scorers import get_scorer
 from .stats import bootstrap
-from .validate_scorers import agreement_with, spearman
+from .validate_scorers import agreement_with, helpfulness_agreement_with, median_mae, spearman
 
 REPORT = "rated_sample.md"
 
@@ -97,10 +97,8 @@ def summarise(folder: str | Path, scorer_names: list[str]) -> dict:
             entry[f"{name}_gap"] = float(np.abs(targets[rows] - scores[rows]).mean())
         systems[system] = entry
     # How far each scorer agrees with the raters reply by reply (these replies were never fitted).
-    scorers = {name: {**agreement_with(scores, people), "constant_mae": float(np.abs(np.median(people) - people).mean())}
-               for name, scores in scored.items()}
-    scorers["helpfulness"] = {"spearman": spearman(rated_help, helpfulness), "mae": float(np.abs(helpfulness - rated_help).mean()),
-                              "constant_mae": float(np.abs(np.median(rated_help) - rated_help).mean()), "n": len(items)}
+    scorers = {name: {**agreement_with(scores, people), "constant_mae": median_mae(people)} for name, scores in scored.items()}
+    scorers["helpfulness"] = helpfulness_agreement_with(helpfulness, rated_help)
     return {"n": len(items), "agreement": rater_agreement(folder), "scorer_agreement": scorers, "constant_gap": constant,
             "systems": systems, "settings": settings}
 

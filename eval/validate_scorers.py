@@ -74,6 +74,32 @@ def agreement_with(predictions, references) -> dict:
             "band_agreement": float(band), "n": len(reference)}
 
 
+def median_mae(references) -> float:
+    """The mean absolute error of the references' own median as a constant prediction.
+
+    Args:
+        references: ``[n]`` people's references.
+    """
+    references = np.asarray(references, dtype=float)
+    return float(np.abs(np.median(references) - references).mean())
+
+
+def helpfulness_agreement_with(predictions, references) -> dict:
+    """Agreement on a scale without level bands (helpfulness): Spearman, mean absolute error, and
+    :func:`median_mae` beside them.
+
+    Args:
+        predictions: ``[n]`` scores on the 1-5 scale.
+        references: ``[n]`` people's references on the same scale.
+
+    Returns:
+        ``{"spearman", "mae", "constant_mae", "n"}``.
+    """
+    predictions, references = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+    return {"spearman": spearman(references, predictions), "mae": float(np.abs(predictions - references).mean()),
+            "constant_mae": median_mae(references), "n": len(references)}
+
+
 def forced_order(predictions, items: list[RatedReply]) -> dict:
     """Mean score per expert that a forced system used, and whether low < medium < high.
 
