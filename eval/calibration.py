@@ -42,6 +42,9 @@ from .scoring import EmpathyScore, Scorer
 CALIBRATION_FILE = "data/calibration.jsonl"  # inside the eval package: one line per scorer (packaged like the other *.jsonl)
 RATERS = ("rater_a", "rater_b")
 REFIT_COMMAND = "python -m moe_empathy.eval.fit_calibration --scorers {name}"
+# The packaged sets of model-written replies, each rated by two raters and split on its own (so
+# adding a set never moves another set's held-out part).
+RATING_SETS = {"devset": "data/rating", "recent": "data/rating_recent"}
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,12 @@ def load_rated_devset(folder: str | Path | None = None) -> list[RatedReply]:
 
     Args:
         folder: a folder with ``replies.jsonl``, ``replies_key.jsonl`` and
-            ``ratings_rater_a.jsonl`` / ``ratings_rater_b.jsonl`` (default: the packaged one).
+            ``ratings_rater_a.jsonl`` / ``ratings_rater_b.jsonl`` (default: the packaged first set).
 
     Raises:
         ValueError: when a rater missed an item or rated one that is not in the set.
     """
-    folder = Path(folder) if folder else _package_data("data/rating")
+    folder = Path(folder) if folder else _package_data(RATING_SETS["devset"])
     replies = {r["id"]: r for r in read_jsonl(folder / "replies.jsonl")}
     key = {r["id"]: r for r in read_jsonl(folder / "replies_key.jsonl")}
     ratings = {name: {r["id"]: r for r in read_jsonl(folder / f"ratings_{name}.jsonl")} for name in RATERS}
@@ -264,11 +267,6 @@ class CalibratedScorer(Scorer):
         scores = self.raw._score(responses, contexts)
         calibrated = self.curve([s.score for s in scores])
         return [EmpathyScore(score=float(c), mechanisms=s.mechanisms) for s, c in zip(scores, calibrated)]
-
-
-# The packaged sets of model-written replies, each rated by two raters and split on its own (so
-# adding a set never moves another set's held-out part).
-RATING_SETS = {"devset": "data/rating", "recent": "data/rating_recent"}
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def test_from_run_samples_a_finished_evaluation_without_playing(tmp_path, monkey
     assert set(devset.main(common)["systems"]) == {"base", "gated"}  # the run's systems by default
 
 
-def test_exclude_leaves_out_the_items_of_another_rated_set(tmp_path, monkeypatch):
+def test_exclude_leaves_out_the_items_of_another_rated_set(tmp_path):
     import dataclasses
 
     import moe_empathy.eval.devset as devset
